@@ -1,0 +1,687 @@
+"""The `secretfs` command: argument parsing, request building and output formatting.
+
+Owns the verbs `init`, `mount`, `umount`, `version`, the key verbs `create-key` and
+`list-keys`, and the client verbs named like `aws secretsmanager`, whose flags are
+derived from botocore's service model so they match the AWS CLI flag for flag.
+Client verbs only talk to the daemon through `secretfs.api.client`; nothing here
+touches the store or the keys.
+
+Exit codes follow the AWS CLI: 0 success, 252 bad usage, 254 a service error; 1 for
+local failures (no daemon, a daemon or mount error, an unreadable file://).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import functools
+import html
+import json
+import re
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from botocore import xform_name
+
+from secretfs.model import SecretsManagerError
+from secretfs.state import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, StateDir, resolve_state_dir
+
+# The Secrets Manager actions exposed as verbs; exposing another is one line here.
+AWS_ACTIONS = (
+    "CreateSecret",
+    "PutSecretValue",
+    "GetSecretValue",
+    "BatchGetSecretValue",
+    "UpdateSecret",
+    "UpdateSecretVersionStage",
+    "DescribeSecret",
+    "ListSecrets",
+    "ListSecretVersionIds",
+    "DeleteSecret",
+    "RestoreSecret",
+    "TagResource",
+    "UntagResource",
+    "GetRandomPassword",
+)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
+EXIT_USAGE = 252
+EXIT_SERVICE_ERROR = 254
+
+# Only the secret value members read stdin for '-': elsewhere a lone '-' may be a
+# legitimate value (a description, a filter value).
+STDIN_MEMBERS = frozenset({"SecretString", "SecretBinary"})
+OUTPUT_FORMATS = ("json", "text")
+
+
+class UsageError(Exception):
+    """The command line cannot be turned into a request (exit 252)."""
+
+
+class CommandError(Exception):
+    """A local failure: no daemon, a mount or init error, an unreadable file (exit 1)."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    format: str = "json"
+    query: str | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call to the daemon, as built from the command line."""
+
+    action: str
+    params: dict[str, Any]
+    extension: bool
+    output: OutputOptions
+    state_dir: Path
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One flag of a client verb: the request member it fills and the shape it follows."""
+
+    name: str
+    flag: str
+    shape: Any = None  # a botocore Shape; None for secretfs's own verbs (plain strings)
+
+
+@dataclass(frozen=True)
+class _ExtensionVerb:
+    action: str
+    help: str
+    members: tuple[tuple[str, bool, str], ...] = ()  # (name, required, help)
+
+
+EXTENSION_VERBS = {
+    "create-key": _ExtensionVerb(
+        "CreateKey",
+        "Create a named encryption key to use as a secret's --kms-key-id.",
+        (("Alias", True, "The key's alias, alias/NAME."),
+         ("Description", False, "A description of the key.")),
+    ),
+    "list-keys": _ExtensionVerb("ListKeys", "List the encryption keys."),
+}
+
+
+# --- the service model (loaded only by the verbs that need it) --------------------
+
+@functools.cache
+def _service_model():
+    import botocore.session
+
+    return botocore.session.get_session().get_service_model("secretsmanager")
+
+
+@functools.cache
+def _paginator(action: str) -> dict | None:
+    import botocore.session
+
+    try:
+        return botocore.session.get_session().get_paginator_model("secretsmanager").get_paginator(action)
+    except ValueError:
+        return None
+
+
+def _verb_name(action: str) -> str:
+    return xform_name(action, "-")
+
+
+def _plain_text(documentation: str) -> tuple[str, str]:
+    """(first sentence, first paragraph) of a model documentation string, as one line each."""
+    paragraphs = re.split(r"</p>", documentation or "")
+    first = paragraphs[0]
+    if first.rstrip().endswith(":") and len(paragraphs) > 1:
+        first += " " + paragraphs[1]  # "for example:" needs its example
+    # Block tags separate words; inline ones (<code>, <a>) sit inside a sentence.
+    first = re.sub(r"</?(?:p|li|ul|ol|br|note|important)\b[^>]*>", " ", first)
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", "", first)).split())
+    sentence = re.split(r"(?<=\.)\s", text, maxsplit=1)[0]
+    return sentence, text
+
+
+def _shorthand_syntax(shape) -> str:
+    parts = []
+    for name, member in shape.members.items():
+        if member.type_name == "list":
+            parts.append(f"{name}={member.member.type_name},{member.member.type_name}")
+        elif member.type_name == "structure":
+            parts.append(f"{name}={{{_shorthand_syntax(member)}}}")
+        else:
+            parts.append(f"{name}={member.type_name}")
+    return ",".join(parts)
+
+
+# --- the parser -------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line instead of argparse's usage screen; main() maps this to 252.
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", metavar="DIR",
+        help="The state directory (default: $SECRETFS_STATE_DIR, else /var/lib/secretfs).")
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", choices=OUTPUT_FORMATS, default="json",
+                        help="Output format (default: json).")
+    parser.add_argument("--query", metavar="JMESPATH",
+                        help="A JMESPath query applied to the response before output.")
+
+
+def _add_member_flag(parser: argparse.ArgumentParser, member: _Member, required: bool,
+                     help_text: str) -> None:
+    kind = member.shape.type_name if member.shape is not None else "string"
+    if member.name == "SecretString":
+        help_text += " file://PATH reads it from a file, - from stdin (byte for byte)."
+    elif member.name == "SecretBinary":
+        help_text += (" fileb://PATH reads raw bytes from a file, - from stdin;"
+                      " a literal value is base64.")
+    elif kind in ("list", "structure") and _struct_of(member.shape) is not None:
+        help_text += f" JSON, or shorthand: {_shorthand_syntax(_struct_of(member.shape))}"
+    kwargs: dict[str, Any] = {"dest": member.name, "required": required,
+                              "help": help_text.replace("%", "%%")}
+    if kind == "boolean":
+        parser.add_argument(member.flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif kind in ("integer", "long"):
+        parser.add_argument(member.flag, type=int, metavar="N", **kwargs)
+    elif kind == "list":
+        parser.add_argument(member.flag, nargs="+", metavar="VALUE", **kwargs)
+    else:
+        parser.add_argument(member.flag, metavar="VALUE", **kwargs)
+
+
+def _struct_of(shape):
+    """The structure a list-of-structures or structure member holds, if any."""
+    if shape.type_name == "list":
+        shape = shape.member
+    return shape if shape.type_name == "structure" else None
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The `secretfs` parser. Only `verb` (every verb when None, for the full help) gets
+    its flags from the service model, so local verbs never load botocore's model."""
+    parser = _Parser(prog="secretfs", allow_abbrev=False,
+                     description="AWS Secrets Manager on a Linux host, served as a filesystem.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    for action in AWS_ACTIONS:
+        name = _verb_name(action)
+        if verb is not None and verb != name:
+            # Known by name, so a typo still gets "invalid choice"; never parsed.
+            verbs.add_parser(name, allow_abbrev=False)
+            continue
+        operation = _service_model().operation_model(action)
+        summary, description = _plain_text(operation.documentation)
+        sub = verbs.add_parser(name, help=summary, description=description, allow_abbrev=False)
+        shape = operation.input_shape
+        members = tuple(_Member(m, "--" + xform_name(m, "-"), s) for m, s in shape.members.items())
+        for member in members:
+            _add_member_flag(sub, member, member.name in shape.required_members,
+                             _plain_text(member.shape.documentation)[1])
+        _add_state_dir(sub)
+        _add_output_options(sub)
+        sub.set_defaults(action=action, extension=False, members=members)
+
+    for name, spec in EXTENSION_VERBS.items():
+        sub = verbs.add_parser(name, help=spec.help, description=spec.help, allow_abbrev=False)
+        members = tuple(_Member(m, "--" + xform_name(m, "-")) for m, _, _ in spec.members)
+        for member, (_, required, help_text) in zip(members, spec.members, strict=True):
+            _add_member_flag(sub, member, required, help_text)
+        _add_state_dir(sub)
+        _add_output_options(sub)
+        sub.set_defaults(action=spec.action, extension=True, members=members)
+
+    sub = verbs.add_parser("init", help="Create a state directory: store, keys and config.",
+                           allow_abbrev=False)
+    _add_state_dir(sub)
+    sub.add_argument("--region", default=DEFAULT_REGION,
+                     help=f"The region in ARNs (default: {DEFAULT_REGION}).")
+    sub.add_argument("--account-id", default=DEFAULT_ACCOUNT_ID,
+                     help=f"The account id in ARNs (default: {DEFAULT_ACCOUNT_ID}).")
+    _add_output_options(sub)
+    sub.set_defaults(run=_run_init)
+
+    sub = verbs.add_parser("mount", help="Start the daemon and mount the secrets filesystem.",
+                           allow_abbrev=False)
+    sub.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    _add_state_dir(sub)
+    sub.add_argument("--foreground", action="store_true",
+                     help="Stay in the foreground instead of detaching.")
+    sub.add_argument("--debug", action="store_true", help="Log FUSE requests.")
+    sub.set_defaults(run=_run_mount)
+
+    sub = verbs.add_parser("umount", help="Unmount the secrets filesystem and stop the daemon.",
+                           allow_abbrev=False)
+    sub.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    sub.add_argument("--lazy", action="store_true",
+                     help="Detach now even if the filesystem is busy.")
+    sub.set_defaults(run=_run_umount)
+
+    sub = verbs.add_parser("version", help="Print the secretfs version.", allow_abbrev=False)
+    sub.set_defaults(run=_run_version)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a command line; raises UsageError with a one-line message."""
+    verb = argv[0] if argv and not argv[0].startswith("-") else None
+    args, extras = build_parser(verb).parse_known_args(argv)
+    if extras:
+        # Name only the unknown options: the values after them may be secrets.
+        options = [token.split("=", 1)[0] for token in extras if token.startswith("-")]
+        what = " ".join(options) if options else f"{len(extras)} unexpected value(s)"
+        raise UsageError(f"secretfs {args.verb}: error: unrecognized arguments: {what}")
+    return args
+
+
+# --- turning flags into request members ---------------------------------------------
+
+def _read_file(flag: str, uri: str) -> bytes:
+    path = uri.split("://", 1)[1]
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise CommandError(f"Error parsing parameter '{flag}': Unable to load paramfile "
+                           f"{uri}: {exc.strerror or exc}") from None
+
+
+def _decode(flag: str, data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CommandError(f"Error parsing parameter '{flag}': {source} is not UTF-8 text"
+                           " (binary data goes in --secret-binary fileb://PATH)") from None
+
+
+def _text(member: _Member, value: str) -> str:
+    """A string flag's value; file:// is read byte for byte (a trailing newline is kept)."""
+    if value.startswith("file://"):
+        return _decode(member.flag, _read_file(member.flag, value), value)
+    if value.startswith("fileb://"):
+        raise UsageError(f"Error parsing parameter '{member.flag}': it takes text;"
+                         " use file:// instead of fileb://")
+    if value == "-" and member.name in STDIN_MEMBERS:
+        return _decode(member.flag, sys.stdin.buffer.read(), "stdin")
+    return value
+
+
+def _blob(member: _Member, value: str) -> bytes:
+    if value.startswith("fileb://"):
+        return _read_file(member.flag, value)
+    if value == "-" and member.name in STDIN_MEMBERS:
+        return sys.stdin.buffer.read()
+    # Like AWS CLI v2 (cli_binary_format=base64): a literal, or file:// text, is base64.
+    text = _text(member, value)
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        # The value itself is not shown: it is a secret.
+        raise UsageError(f"Error parsing parameter '{member.flag}': Invalid base64"
+                         " (use fileb://PATH or - for raw bytes)") from None
+
+
+def _json(member: _Member, text: str, expected: type) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"Error parsing parameter '{member.flag}': Invalid JSON: "
+                         f"{exc.msg} (line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, expected):
+        kind = "list" if expected is list else "object"
+        raise UsageError(f"Error parsing parameter '{member.flag}': expected a JSON {kind}")
+    return value
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split shorthand at commas outside quotes, [lists] and {structures}."""
+    parts, current, depth, quote, escaped = [], [], 0, "", False
+    for char in text:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    parts.append("".join(current))
+    return parts
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _shorthand_scalar(member: _Member, shape, text: str, key: str) -> Any:
+    value = _unquote(text)
+    if shape.type_name == "string":
+        return value
+    if shape.type_name in ("integer", "long"):
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"Error parsing parameter '{member.flag}': "
+                             f"{key} takes an integer") from None
+    if shape.type_name == "boolean" and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise UsageError(f"Error parsing parameter '{member.flag}': "
+                     f"{key} takes a {shape.type_name}; use JSON")
+
+
+def _shorthand(member: _Member, shape, text: str) -> dict:
+    """AWS CLI shorthand for one structure: `Key=k,Value=v`, `Key=name,Values=a,b`.
+
+    Knowing the members from the model, a comma-separated part that does not start
+    with `Member=` continues the list member before it.
+    """
+    result: dict[str, Any] = {}
+    current = None
+    for part in _split_top_level(text):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if sep and key in shape.members:
+            current = key
+            child = shape.members[key]
+            value = value.strip()
+            if child.type_name == "list":
+                items = _split_top_level(value[1:-1]) if value.startswith("[") else [value]
+                result[key] = [_shorthand_scalar(member, child.member, item, key)
+                               for item in items if item.strip()]
+            elif child.type_name == "structure" and value.startswith("{"):
+                result[key] = _shorthand(member, child, value[1:-1])
+            else:
+                result[key] = _shorthand_scalar(member, child, value, key)
+        elif current is not None and shape.members[current].type_name == "list":
+            list_shape = shape.members[current].member
+            result[current].append(_shorthand_scalar(member, list_shape, part, current))
+        else:
+            expected = ", ".join(shape.members)
+            problem = f"unknown key {key!r}" if sep else "expected KEY=VALUE"
+            raise UsageError(f"Error parsing parameter '{member.flag}': {problem};"
+                             f" keys are {expected}")
+    return result
+
+
+def _structure(member: _Member, shape, token: str) -> dict:
+    text = _text(member, token)
+    if text.lstrip().startswith("{"):
+        return _json(member, text, dict)
+    return _shorthand(member, shape, text)
+
+
+def _member_value(member: _Member, raw: Any) -> Any:
+    shape = member.shape
+    kind = shape.type_name if shape is not None else "string"
+    if kind == "blob":
+        return _blob(member, raw)
+    if kind == "structure":
+        return _structure(member, shape, raw)
+    if kind == "list":
+        # One token may be the whole list as JSON (also from file://), as in the AWS CLI.
+        if len(raw) == 1:
+            text = _text(member, raw[0])
+            if text.lstrip().startswith("["):
+                return _json(member, text, list)
+        if shape.member.type_name == "structure":
+            return [_structure(member, shape.member, token) for token in raw]
+        return [_text(member, token) for token in raw]
+    if kind == "string":
+        return _text(member, raw)
+    return raw  # integers and booleans: argparse converted them already
+
+
+def _output_options(args: argparse.Namespace) -> OutputOptions:
+    if args.query is not None:
+        import jmespath
+
+        try:
+            jmespath.compile(args.query)
+        except jmespath.exceptions.JMESPathError as exc:
+            detail = getattr(exc, "message", None) or getattr(exc, "msg", str(exc))
+            raise UsageError(f"Bad value for --query {args.query}: {detail}") from None
+    return OutputOptions(args.output, args.query)
+
+
+def request_from_args(args: argparse.Namespace) -> Request:
+    """The daemon call a parsed client verb asks for; reads file://, fileb:// and stdin."""
+    if not hasattr(args, "action"):
+        raise UsageError(f"secretfs {args.verb}: error: not a client verb")
+    params = {member.name: _member_value(member, getattr(args, member.name))
+              for member in args.members if getattr(args, member.name) is not None}
+    return Request(args.action, params, args.extension, _output_options(args),
+                   resolve_state_dir(args.state_dir))
+
+
+def build_request(argv: list[str]) -> Request:
+    """Translate a client verb's command line into (action, params, output options)."""
+    return request_from_args(parse_args(argv))
+
+
+# --- output -----------------------------------------------------------------------
+
+def _timestamp(epoch: float) -> str:
+    # The AWS CLI prints timestamps in ISO 8601 with the local offset.
+    return datetime.fromtimestamp(epoch, tz=UTC).astimezone().isoformat()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _cli_values(value: Any, shape) -> Any:
+    """The response as the AWS CLI shows it: timestamps as ISO 8601, blobs as base64.
+
+    Without a shape (secretfs's own actions, or members the model lacks) a number
+    under a `...Date` key is a timestamp, as in every Secrets Manager response.
+    """
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    kind = shape.type_name if shape is not None else None
+    if kind == "timestamp" and _is_number(value):
+        return _timestamp(value)
+    if isinstance(value, dict):
+        if kind == "map":
+            return {key: _cli_values(item, shape.value) for key, item in value.items()}
+        members = shape.members if kind == "structure" else {}
+        return {key: (_timestamp(item) if members.get(key) is None and key.endswith("Date")
+                      and _is_number(item) else _cli_values(item, members.get(key)))
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_cli_values(item, shape.member if kind == "list" else None) for item in value]
+    return value
+
+
+def _text_lines(item: Any, identifier: str | None = None,
+                scalar_keys: list[str] | None = None) -> list[str]:
+    """The AWS CLI's text output: a dict's scalars on one tab-separated line (sorted by
+    key, led by the upper-cased key it sits under), then its lists and dicts."""
+    if isinstance(item, dict):
+        if scalar_keys is None:
+            keys = sorted(key for key, value in item.items() if not isinstance(value, dict | list))
+        else:
+            keys = scalar_keys
+        nested = sorted(key for key in item if key not in keys)
+        lines = []
+        if keys:
+            row = [str(item.get(key, "")) for key in keys]
+            lines.append("\t".join(([identifier.upper()] if identifier else []) + row))
+        for key in nested:
+            lines += _text_lines(item[key], key)
+        return lines
+    if isinstance(item, list):
+        if any(isinstance(element, dict) for element in item):
+            # Rows of one list line up: each gets every scalar key any element has.
+            keys = sorted({key for element in item if isinstance(element, dict)
+                           for key, value in element.items()
+                           if not isinstance(value, dict | list)})
+            return [line for element in item
+                    for line in _text_lines(element, identifier, keys)]
+        scalars = [element for element in item if not isinstance(element, list)]
+        lines = []
+        if scalars:
+            if identifier:
+                lines += [f"{identifier.upper()}\t{element}" for element in scalars]
+            else:
+                lines.append("\t".join(str(element) for element in scalars))
+        for element in item:
+            if isinstance(element, list):
+                lines += _text_lines(element, identifier)
+        return lines
+    return [str(item)]
+
+
+def format_response(response: Any, output: OutputOptions, action: str | None = None) -> str:
+    """Render a response like the AWS CLI; `action` names the model shape to follow."""
+    shape = _service_model().operation_model(action).output_shape if action else None
+    result = _cli_values(response, shape)
+    if isinstance(result, dict):
+        result.pop("ResponseMetadata", None)
+    if output.query is not None:
+        import jmespath
+
+        result = jmespath.search(output.query, result)
+    if output.format == "text":
+        lines = _text_lines(result)
+        return "".join(line + "\n" for line in lines)
+    if result == {}:
+        return ""
+    return json.dumps(result, indent=4, ensure_ascii=False) + "\n"
+
+
+# --- running verbs ----------------------------------------------------------------
+
+def _call(client, request: Request) -> dict:
+    """One call, or every page of a paginated list when the caller did not ask for a
+    page (no --next-token, --max-results): the AWS CLI paginates the same way."""
+    response = client.call(request.action, request.params, extension=request.extension)
+    paginator = None if request.extension else _paginator(request.action)
+    if paginator is None or {paginator["input_token"], paginator.get("limit_key")} & request.params.keys():
+        return response
+    token_in, token_out, results = (paginator["input_token"], paginator["output_token"],
+                                    paginator["result_key"])
+    while response.get(token_out):
+        page = client.call(request.action, {**request.params, token_in: response[token_out]})
+        response[results] = response.get(results, []) + page.get(results, [])
+        response[token_out] = page.get(token_out)
+    response.pop(token_out, None)
+    return response
+
+
+def _run_client_verb(request: Request) -> int:
+    from secretfs.api.client import Client, DaemonNotRunning
+
+    try:
+        response = _call(Client(StateDir(request.state_dir).socket), request)
+    except DaemonNotRunning as exc:
+        raise CommandError(str(exc)) from None
+    except SecretsManagerError as exc:
+        print(f"An error occurred ({exc.code}) when calling the {request.action} operation: "
+              f"{_one_line(exc.message)}", file=sys.stderr)
+        return EXIT_SERVICE_ERROR
+    sys.stdout.write(format_response(response, request.output,
+                                     None if request.extension else request.action))
+    return EXIT_OK
+
+
+def _run_init(args: argparse.Namespace) -> int:
+    from secretfs import daemon
+
+    output = _output_options(args)
+    state_dir = resolve_state_dir(args.state_dir)
+    try:
+        summary = daemon.init_state(state_dir, region=args.region, account_id=args.account_id)
+    except FileExistsError:
+        raise CommandError(f"{state_dir} is already initialized") from None
+    except daemon.DaemonError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(format_response(summary, output))
+    return EXIT_OK
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    from secretfs import daemon
+
+    try:
+        daemon.mount(args.mountpoint, resolve_state_dir(args.state_dir),
+                     foreground=args.foreground, debug=args.debug)
+    except daemon.DaemonError as exc:
+        raise CommandError(str(exc)) from None
+    return EXIT_OK
+
+
+def _run_umount(args: argparse.Namespace) -> int:
+    from secretfs import daemon
+
+    try:
+        daemon.unmount(args.mountpoint, lazy=args.lazy)
+    except daemon.DaemonError as exc:
+        raise CommandError(str(exc)) from None
+    return EXIT_OK
+
+
+def _run_version(args: argparse.Namespace) -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        print(f"secretfs {version('secretfs')}")
+    except PackageNotFoundError:
+        print("secretfs (not installed)")
+    return EXIT_OK
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc.strerror or exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `secretfs` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        if hasattr(args, "run"):
+            return args.run(args)
+        return _run_client_verb(request_from_args(args))
+    except SystemExit as exc:  # --help, printed by argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_OK
+    except UsageError as exc:
+        print(_one_line(str(exc)), file=sys.stderr)
+        return EXIT_USAGE
+    except CommandError as exc:
+        print(_one_line(str(exc)), file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"secretfs: {_one_line(_os_error_text(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

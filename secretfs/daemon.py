@@ -1,0 +1,352 @@
+"""The daemon: one trio run holding the FUSE mount, the control socket and housekeeping.
+
+`mount()` without foreground starts the daemon as a detached child and returns
+only once the child reports ready (mount and socket up) or fails; with
+foreground it serves in this process until unmounted or signalled, which is
+what systemd supervises. SIGTERM/SIGINT unmount cleanly; a stale mount left by
+a crashed daemon ("Transport endpoint is not connected") is cleared at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import trio
+
+from secretfs.state import StateDir
+
+log = logging.getLogger("secretfs")
+
+RUN_DIR = Path("/run/secretfs")
+HOUSEKEEPING_INTERVAL = 5.0
+READY_TIMEOUT = 30.0
+MOUNT_OPTIONS = ("fsname=secretfs", "subtype=secretfs", "allow_other", "ro", "nosuid",
+                 "nodev", "noexec")
+
+
+class DaemonError(Exception):
+    """The daemon could not start, or a mount could not be undone; one line for the CLI."""
+
+
+# --- the state directory ---------------------------------------------------------------
+
+def init_state(state_dir: Path, *, region: str, account_id: str) -> dict:
+    """Create the SQLite store and the local master key file (both 0600, root's)."""
+    from secretfs.crypto import LocalKeyProvider
+    from secretfs.store.sqlite import SqliteStore
+
+    state = StateDir(Path(state_dir))
+    if state.exists():
+        raise FileExistsError(f"{state.root} is already a secretfs state directory")
+    old_umask = os.umask(0o077)
+    try:
+        state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(state.root, 0o700)
+        keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id)
+        SqliteStore.create(state.database)
+        state.write_config({
+            "Region": region, "AccountId": account_id, "Store": "sqlite",
+            "KeyProvider": "local", "Created": datetime.now(UTC).isoformat(),
+        })
+    finally:
+        os.umask(old_umask)
+    return {"StateDir": str(state.root), "Region": region, "AccountId": account_id,
+            "Store": str(state.database), "KeyFile": str(state.keys),
+            "DefaultKey": keys.key_arn(keys.resolve(None))}
+
+
+def open_service(state: StateDir):
+    from secretfs.crypto import LocalKeyProvider
+    from secretfs.service import SecretsManagerService
+    from secretfs.store.sqlite import SqliteStore
+
+    config = state.read_config()
+    region, account_id = config["Region"], config["AccountId"]
+    keys = LocalKeyProvider.load(state.keys, region=region, account_id=account_id)
+    store = SqliteStore(state.database)
+    return SecretsManagerService(store, keys, region=region, account_id=account_id)
+
+
+# --- process hygiene -------------------------------------------------------------------
+
+def harden_process() -> None:
+    """No core dumps and no ptrace-readable memory: the daemon holds plaintext."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_dumpable = 4
+    if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def _lock_state(state: StateDir):
+    handle = open(state.lock, "a+")  # noqa: SIM115 - held for the daemon's life
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise DaemonError(f"another secretfs daemon is already serving {state.root}") from None
+    return handle
+
+
+def _is_mountpoint(path: Path) -> bool:
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
+def _prepare_mountpoint(mountpoint: Path) -> None:
+    try:
+        os.stat(mountpoint)
+    except OSError as error:
+        if error.errno != errno.ENOTCONN:
+            if error.errno == errno.ENOENT:
+                raise DaemonError(f"mountpoint {mountpoint} does not exist") from None
+            raise DaemonError(f"mountpoint {mountpoint}: {error.strerror}") from None
+        log.warning("clearing a stale mount at %s left by a daemon that died", mountpoint)
+        _fusermount(mountpoint, lazy=True)
+    if _is_mountpoint(mountpoint):
+        raise DaemonError(f"{mountpoint} is already a mountpoint")
+    if not mountpoint.is_dir():
+        raise DaemonError(f"mountpoint {mountpoint} is not a directory")
+
+
+def _fusermount(mountpoint: Path, *, lazy: bool) -> None:
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 and os.geteuid() == 0:
+        command = ["umount", *(["-l"] if lazy else []), str(mountpoint)]
+        result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["failed"])[-1]
+        raise DaemonError(f"can't unmount {mountpoint}: {reason}")
+
+
+def _running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie waiting for its parent."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return status.rpartition(")")[2].split()[0] != "Z"
+
+
+def _registry_file(mountpoint: Path) -> Path:
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(mountpoint))).hexdigest()[:16]
+    return RUN_DIR / f"{digest}.json"
+
+
+# --- serving ---------------------------------------------------------------------------
+
+async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
+                debug: bool = False) -> None:
+    import pyfuse3
+
+    from secretfs.api.server import serve_unix
+    from secretfs.fs.ops import SecretsOperations
+
+    mountpoint = mountpoint.resolve()
+    lock = _lock_state(state)
+    try:
+        service = open_service(state)
+        _prepare_mountpoint(mountpoint)
+        operations = SecretsOperations(service)
+        # Computed before the mount exists: touching the mountpoint between
+        # init() and main() would wait forever for a reply nobody sends.
+        registry = _registry_file(mountpoint)
+        options = set(MOUNT_OPTIONS)
+        if debug:
+            options.add("debug")
+        try:
+            pyfuse3.init(operations, str(mountpoint), options)
+        except RuntimeError as error:
+            raise DaemonError(f"can't mount {mountpoint}: {error}") from None
+        operations.mounted = True
+        try:
+            async with trio.open_nursery() as nursery:
+                async def run_fuse():
+                    await pyfuse3.main()
+                    nursery.cancel_scope.cancel()  # unmounted from outside
+
+                nursery.start_soon(run_fuse)
+                limiter = trio.CapacityLimiter(8)
+                await nursery.start(functools.partial(
+                    serve_unix, service, state.socket, limiter=limiter))
+                nursery.start_soon(_housekeeping, service)
+                nursery.start_soon(_stop_on_signal, pyfuse3)
+                with contextlib.suppress(OSError):
+                    RUN_DIR.mkdir(mode=0o700, exist_ok=True)
+                    registry.write_text(json.dumps({
+                        "pid": os.getpid(), "mountpoint": str(mountpoint),
+                        "state_dir": str(state.root)}))
+                log.info("serving %s from %s (pid %d)", mountpoint, state.root, os.getpid())
+                ready()
+        finally:
+            operations.mounted = False
+            with contextlib.suppress(OSError):
+                registry.unlink()
+            with contextlib.suppress(OSError):
+                state.socket.unlink()
+            await trio.to_thread.run_sync(service.flush_accesses)
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+    finally:
+        lock.close()
+
+
+async def _stop_on_signal(pyfuse3) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+async def _housekeeping(service) -> None:
+    """Record access dates and purge secrets whose recovery window has ended."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(service.flush_accesses)
+            due = service.next_deletion()
+            if due is not None and due <= service.now():
+                purged = await trio.to_thread.run_sync(service.purge_expired)
+                log.info("purged %d secrets past their recovery window", purged)
+        except Exception:
+            log.exception("housekeeping failed; retrying")
+        await trio.sleep(HOUSEKEEPING_INTERVAL)
+
+
+def _notify_systemd(message: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
+def _configure_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
+                   ready_fd: int | None = None) -> None:
+    """Serve until unmounted; report readiness on `ready_fd` and to systemd."""
+    _configure_logging(debug)
+    harden_process()
+
+    def ready() -> None:
+        _notify_systemd("READY=1")
+        if ready_fd is not None:
+            os.write(ready_fd, b"READY\n")
+            os.close(ready_fd)
+
+    try:
+        trio.run(functools.partial(serve, mountpoint, state, ready=ready, debug=debug))
+    except Exception as error:
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if ready_fd is not None:
+            reason = str(error) if isinstance(error, DaemonError) else (
+                f"{type(error).__name__}: {error}")
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"ERROR {reason}\n".encode())
+        raise
+
+
+def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = False) -> None:
+    state = StateDir(Path(state_dir))
+    if not state.exists():
+        raise DaemonError(f"{state.root} is not a secretfs state directory (run 'secretfs init')")
+    mountpoint = Path(mountpoint)
+    if foreground:
+        run_foreground(mountpoint, state, debug=debug)
+        return
+    read_end, write_end = os.pipe()
+    with open(state.log, "ab") as log_file:
+        os.chmod(state.log, 0o600)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "secretfs.daemon", "--mountpoint", str(mountpoint),
+             "--state-dir", str(state.root), "--ready-fd", str(write_end),
+             *(["--debug"] if debug else [])],
+            pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            start_new_session=True)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line == "READY":
+        return
+    if line.startswith("ERROR "):
+        raise DaemonError(line[len("ERROR "):])
+    try:
+        code = child.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        code = None
+    raise DaemonError(f"the daemon exited before it was ready (status {code}); see {state.log}")
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = 10.0) -> None:
+    """Unmount and wait for the daemon serving it to exit."""
+    mountpoint = Path(mountpoint)
+    registry = _registry_file(mountpoint)
+    pid = None
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        pid = json.loads(registry.read_text())["pid"]
+    if not _is_mountpoint(mountpoint):
+        try:
+            os.stat(mountpoint)
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:
+                raise DaemonError(f"{mountpoint}: {error.strerror}") from None
+        else:
+            raise DaemonError(f"{mountpoint} is not mounted")
+    _fusermount(mountpoint, lazy=lazy)
+    if pid is None:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _running(pid):
+            return
+        time.sleep(0.02)
+    raise DaemonError(f"unmounted {mountpoint}, but daemon pid {pid} has not exited")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m secretfs.daemon")
+    parser.add_argument("--mountpoint", required=True, type=Path)
+    parser.add_argument("--state-dir", required=True, type=Path)
+    parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        run_foreground(args.mountpoint, StateDir(args.state_dir), debug=args.debug,
+                       ready_fd=args.ready_fd)
+    except DaemonError as error:
+        log.error("%s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

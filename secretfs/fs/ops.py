@@ -1,0 +1,246 @@
+"""The thin pyfuse3 adapter: inode numbers, handles, errno translation, invalidation.
+
+Every rule lives in the service and every path decision in `layout`; this class
+turns them into FUSE replies. A handler signals failure only by raising
+`pyfuse3.FUSEError`; `_fuse_handler` maps domain errors to their errno in one
+place and answers anything unexpected with EIO after logging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import itertools
+import logging
+import os
+import time
+
+import pyfuse3
+
+from secretfs.fs import layout as L
+from secretfs.fs.layout import Layout, NotFound
+from secretfs.identity import FUSE, Caller
+from secretfs.model import Secret, SecretsManagerError
+
+log = logging.getLogger(__name__)
+
+# Names and labels change rarely and every change is pushed to the kernel as an
+# invalidation, so entries may be cached for a while; a version's content never
+# changes, so its file may be cached much longer.
+ENTRY_TIMEOUT = 60.0
+IMMUTABLE_TIMEOUT = 300.0
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
+
+
+def _fuse_handler(method):
+    @functools.wraps(method)
+    async def handler(self, *args):
+        try:
+            return await method(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except SecretsManagerError as error:
+            if error.errno == errno.EIO:
+                log.error("%s failed: %s: %s", method.__name__, error.code, error.message)
+            raise pyfuse3.FUSEError(error.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return handler
+
+
+class _OpenFile:
+    __slots__ = ("node", "data")
+
+    def __init__(self, node: L.Node):
+        self.node = node
+        self.data: bytes | None = None
+
+
+class SecretsOperations(pyfuse3.Operations):
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, service):
+        super().__init__()
+        self.service = service
+        self.layout = Layout(service)
+        self._inode_of: dict[L.Node, int] = {L.ROOT: pyfuse3.ROOT_INODE}
+        self._node_of: dict[int, L.Node] = {pyfuse3.ROOT_INODE: L.ROOT}
+        self._inode_counter = itertools.count(pyfuse3.ROOT_INODE + 1)
+        self._handle_counter = itertools.count(1)
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, list[tuple[str, L.Node]]] = {}
+        self._mount_time_ns = time.time_ns()
+        # Set once the kernel is attached: invalidations before that have nothing to do.
+        self.mounted = False
+        service.catalog.subscribe(self._invalidate)
+
+    # --- inodes ------------------------------------------------------------------
+
+    def _inode(self, node: L.Node) -> int:
+        inode = self._inode_of.get(node)
+        if inode is None:
+            inode = next(self._inode_counter)
+            self._inode_of[node] = inode
+            self._node_of[inode] = node
+        return inode
+
+    def _node(self, inode: int) -> L.Node:
+        node = self._node_of.get(inode)
+        if node is None:
+            raise NotFound
+        return node
+
+    def _entry(self, node: L.Node, attrs: L.Attributes | None = None) -> pyfuse3.EntryAttributes:
+        attrs = attrs or self.layout.attributes(node)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._inode(node)
+        entry.generation = 0
+        entry.st_mode = attrs.mode
+        entry.st_nlink = 2 if attrs.mode & 0o040000 else 1
+        entry.st_uid = 0
+        entry.st_gid = 0
+        entry.st_size = attrs.size
+        entry.st_blksize = 4096
+        entry.st_blocks = (attrs.size + 511) // 512
+        stamp = int(attrs.mtime.timestamp() * 1e9) if attrs.mtime else self._mount_time_ns
+        entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
+        timeout = IMMUTABLE_TIMEOUT if attrs.immutable else ENTRY_TIMEOUT
+        entry.entry_timeout = timeout
+        entry.attr_timeout = timeout
+        return entry
+
+    @staticmethod
+    def _caller(ctx) -> Caller:
+        return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, source=FUSE)
+
+    # --- names -----------------------------------------------------------------------
+
+    @_fuse_handler
+    async def lookup(self, parent_inode, name, ctx=None):
+        node = self.layout.lookup(self._node(parent_inode), os.fsdecode(name))
+        return self._entry(node)
+
+    @_fuse_handler
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self._node(inode))
+
+    @_fuse_handler
+    async def readlink(self, inode, ctx):
+        node = self._node(inode)
+        if node[0] not in (L.LABEL, L.KEYLINK):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(self.layout.readlink(node))
+
+    async def forget(self, inode_list):
+        # Inodes stay allocated: a node keeps its number for the daemon's life,
+        # which is what keeps a label's symlink inode stable across promotions.
+        pass
+
+    # --- directories -----------------------------------------------------------------
+
+    @_fuse_handler
+    async def opendir(self, inode, ctx):
+        node = self._node(inode)
+        if node[0] == L.VERSION_KEYS:
+            # A JSON value's key names are content: listing them is a read.
+            secret, version_id = self.layout.version_of(node)
+            self.service.authorize_read(self._caller(ctx), secret, version_id)
+        entries = self.layout.children(node)
+        handle = next(self._handle_counter)
+        self._dirs[handle] = entries
+        return handle
+
+    @_fuse_handler
+    async def readdir(self, fh, start_id, token):
+        entries = self._dirs[fh]
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
+            try:
+                entry = self._entry(node)
+            except NotFound:
+                continue  # vanished since opendir
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
+                break
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    # --- files -------------------------------------------------------------------------
+
+    @_fuse_handler
+    async def open(self, inode, flags, ctx):
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self._node(inode)
+        if node[0] not in (L.VERSION, L.KEY):
+            raise pyfuse3.FUSEError(errno.EISDIR if node[0] != L.LABEL else errno.ELOOP)
+        secret, version_id = self.layout.version_of(node)
+        self.service.authorize_read(self._caller(ctx), secret, version_id)
+        self.service.record_access(secret, version_id)
+        handle = next(self._handle_counter)
+        self._files[handle] = _OpenFile(node)
+        # A version never changes, so pages the kernel already holds stay valid.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    @_fuse_handler
+    async def read(self, fh, off, size):
+        handle = self._files[fh]
+        if handle.data is None:
+            handle.data = self.layout.content(handle.node)
+        return handle.data[off:off + size]
+
+    async def release(self, fh):
+        self._files.pop(fh, None)
+
+    @_fuse_handler
+    async def access(self, inode, mode, ctx):
+        node = self._node(inode)
+        if mode & os.W_OK:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node[0] in (L.VERSION, L.KEY):
+            if mode & os.X_OK:
+                return False
+            if mode & os.R_OK:
+                secret, version_id = self.layout.version_of(node)
+                return self.service.may_read(self._caller(ctx), secret, version_id)
+        if node[0] == L.VERSION_KEYS and mode & os.R_OK:
+            secret, version_id = self.layout.version_of(node)
+            return self.service.may_read(self._caller(ctx), secret, version_id)
+        self.layout.attributes(node)  # ENOENT if it no longer exists
+        return True
+
+    async def statfs(self, ctx):
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.service.catalog)
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    # --- pushing changes to the kernel ------------------------------------------------
+
+    def _invalidate(self, old: Secret | None, new: Secret | None) -> None:
+        """Called after each commit, in the committing thread (never the FUSE loop)."""
+        if not self.mounted:
+            return
+        entries, moved = self.layout.stale_entries(old, new)
+        for parent, name in entries:
+            inode = self._inode_of.get(parent)
+            if inode is None:
+                continue  # never shown to the kernel, so nothing cached
+            # ENOENT: the kernel had no such entry cached, nothing to forget.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_entry(inode, os.fsencode(name))
+        for node in moved:
+            inode = self._inode_of.get(node)
+            if inode is None:
+                continue
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(inode, attr_only=True)

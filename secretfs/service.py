@@ -1,0 +1,922 @@
+"""Every Secrets Manager rule, once: versions, staging labels, idempotency tokens,
+version retention, deletion windows, and the names-as-directories rule.
+
+Each AWS action is a method taking the caller and the request's members by
+their AWS names, returning the response's members; `call()` dispatches by
+action name, so the API adapter stays a translation of bytes. The filesystem
+uses the read-side helpers at the bottom. Mutations run one store transaction,
+then refresh the catalog so the filesystem sees the committed state at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hmac
+import inspect
+import json
+import re
+import secrets
+import string
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from secretfs import model
+from secretfs.catalog import Catalog
+from secretfs.crypto import KeyProvider
+from secretfs.crypto.envelope import Sealed, seal, unseal
+from secretfs.identity import Caller
+from secretfs.model import (
+    AWSCURRENT,
+    AWSPREVIOUS,
+    InvalidNextTokenException,
+    InvalidParameterException,
+    InvalidRequestException,
+    LimitExceededException,
+    ResourceExistsException,
+    ResourceNotFoundException,
+    Secret,
+    ServiceUnavailable,
+    ValidationException,
+)
+from secretfs.passwords import random_password
+from secretfs.policy import RootOnly
+from secretfs.store import SealedValue, StoreError
+
+MARKED_FOR_DELETION = (
+    "You can't perform this operation on the secret because it was marked for deletion.")
+NOT_FOUND = "Secrets Manager can't find the specified secret."
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _snake(action: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", action).lower()
+
+
+class SecretsManagerService:
+    AWS_ACTIONS = frozenset({
+        "CreateSecret", "PutSecretValue", "GetSecretValue", "BatchGetSecretValue",
+        "UpdateSecret", "UpdateSecretVersionStage", "DescribeSecret", "ListSecrets",
+        "ListSecretVersionIds", "DeleteSecret", "RestoreSecret", "TagResource",
+        "UntagResource", "GetRandomPassword",
+    })
+    EXTENSION_ACTIONS = frozenset({"CreateKey", "ListKeys"})
+
+    def __init__(self, store, keys: KeyProvider, *, region: str, account_id: str,
+                 authorizer=None, clock: Callable[[], datetime] = _utcnow):
+        self.store = store
+        self.keys = keys
+        self.region = region
+        self.account_id = account_id
+        self.authorizer = authorizer or RootOnly()
+        self.now = clock
+        self.catalog = Catalog(store)
+        # Serializes mutations so commits and catalog refreshes happen in one order.
+        self._mutation_lock = threading.RLock()
+        self._pending_access: dict[tuple[int, str], datetime] = {}
+
+    # --- dispatch ---------------------------------------------------------------
+
+    def call(self, action: str, params: dict, caller: Caller) -> dict:
+        if action not in self.AWS_ACTIONS and action not in self.EXTENSION_ACTIONS:
+            raise model.UnknownOperationException(f"Unknown action {action!r}.")
+        method = getattr(self, _snake(action))
+        try:
+            bound = inspect.signature(method).bind(caller, **params)
+        except TypeError as error:
+            raise ValidationException(f"Invalid parameters for {action}: {error}") from None
+        try:
+            return method(*bound.args, **bound.kwargs)
+        except StoreError as error:
+            raise ServiceUnavailable(f"The store can't complete the request: {error}") from None
+
+    def _authorize(self, caller: Caller, action: str, secret: Secret | None = None) -> None:
+        self.authorizer.authorize(caller, action, secret.arn if secret else None)
+
+    # --- resolving SecretId ---------------------------------------------------
+
+    def _lookup(self, secret_id: str) -> int:
+        if not isinstance(secret_id, str) or not secret_id:
+            raise InvalidParameterException("You must provide a SecretId.")
+        if model.looks_like_arn(secret_id):
+            found = self.catalog.id_by_arn(secret_id)
+            if found is None:
+                with self.store.read() as reader:
+                    matches = reader.find_arn_prefix(secret_id)
+                found = matches[0] if len(matches) == 1 else None
+        else:
+            found = self.catalog.id_by_name(secret_id)
+        if found is None:
+            raise ResourceNotFoundException(NOT_FOUND)
+        return found
+
+    def _secret(self, secret_id: str) -> Secret:
+        secret = self.catalog.get(self._lookup(secret_id))
+        if secret is None:
+            raise ResourceNotFoundException(NOT_FOUND)
+        return secret
+
+    def _mutate(self, secret_id: int, change: Callable) -> tuple[object, Secret | None]:
+        """Run `change(writer, fresh_secret)` in one transaction, then refresh."""
+        with self._mutation_lock:
+            with self.store.write() as writer:
+                fresh = writer.load(secret_id)
+                if fresh is None:
+                    raise ResourceNotFoundException(NOT_FOUND)
+                result = change(writer, fresh)
+            return result, self.catalog.refresh(secret_id)
+
+    # --- values -----------------------------------------------------------------
+
+    @staticmethod
+    def _value(SecretString, SecretBinary, *, required: bool) -> tuple[bytes, bool] | None:
+        if SecretString is not None and SecretBinary is not None:
+            raise InvalidParameterException(
+                "You can't specify both a binary secret value and a string secret value "
+                "in the same secret.")
+        if SecretString is not None:
+            if not isinstance(SecretString, str) or not SecretString:
+                raise InvalidParameterException("SecretString must be a non-empty string.")
+            data, is_binary = SecretString.encode("utf-8"), False
+        elif SecretBinary is not None:
+            if isinstance(SecretBinary, str):
+                try:
+                    SecretBinary = base64.b64decode(SecretBinary, validate=True)
+                except binascii.Error:
+                    raise InvalidParameterException(
+                        "SecretBinary must be base64-encoded.") from None
+            if not isinstance(SecretBinary, bytes | bytearray) or not SecretBinary:
+                raise InvalidParameterException("SecretBinary must be non-empty bytes.")
+            data, is_binary = bytes(SecretBinary), True
+        elif required:
+            raise InvalidParameterException(
+                "You must provide either SecretString or SecretBinary.")
+        else:
+            return None
+        if len(data) > model.VALUE_MAX:
+            raise InvalidParameterException(
+                f"The secret value is {len(data)} bytes; the maximum is {model.VALUE_MAX}.")
+        return data, is_binary
+
+    def _seal(self, secret: Secret, version_id: str, data: bytes, is_binary: bool) -> SealedValue:
+        key_id = self.keys.resolve(secret.kms_key_id)
+        sealed = seal(self.keys, key_id, data, arn=secret.arn, version_id=version_id)
+        return SealedValue(sealed.ciphertext, sealed.wrapped_key, sealed.key_id, is_binary)
+
+    def _decrypt(self, secret: Secret, version_id: str) -> tuple[bytes, bool] | None:
+        with self.store.read() as reader:
+            stored = reader.sealed_value(secret.secret_id, version_id)
+        if stored is None:
+            return None
+        plaintext = unseal(self.keys, Sealed(stored.ciphertext, stored.wrapped_key, stored.key_id),
+                           arn=secret.arn, version_id=version_id)
+        return plaintext, stored.is_binary
+
+    # --- the names-as-directories rule ----------------------------------------
+
+    def _check_tree(self, reader, path: str) -> None:
+        """A new secret's directory may not collide with what a secret's directory holds.
+
+        Directly below a secret, the names `versions`, `keys`, the AWS labels and
+        the secret's own labels belong to the secret; a child secret can't take them.
+        """
+        segments = path.split("/")
+        for depth in range(1, len(segments)):
+            ancestor = reader.find(path="/".join(segments[:depth]))
+            if ancestor is None:
+                continue
+            child = segments[depth]
+            holder = reader.load(ancestor)
+            taken = {model.file_name(label) for label in holder.labels}
+            if child in model.RESERVED_SEGMENTS or child in taken:
+                raise InvalidParameterException(
+                    f"The name segment {child!r} can't be used below secret "
+                    f"{holder.name!r}: that secret's directory uses it "
+                    "(versions, keys and staging labels are reserved there).")
+        for below in reader.paths_below(path):
+            child = below[len(path) + 1:].split("/")[0]
+            if child in model.RESERVED_SEGMENTS:
+                raise InvalidParameterException(
+                    f"A secret at {path!r} would own the name {child!r}, which the existing "
+                    f"secret at {below!r} already uses as a directory.")
+
+    def _check_label_fits(self, reader, secret: Secret, label: str) -> None:
+        name = model.file_name(label)
+        if name in ("versions", "keys"):
+            raise InvalidParameterException(
+                f"The staging label {label!r} is reserved in the secret's directory.")
+        for below in reader.paths_below(secret.path):
+            if below[len(secret.path) + 1:].split("/")[0] == name:
+                raise InvalidParameterException(
+                    f"The staging label {label!r} would collide with the directory of "
+                    f"secret {below!r}.")
+
+    # --- labels and versions ----------------------------------------------------
+
+    def _attach(self, writer, secret: Secret, version_id: str, stages: list[str]) -> None:
+        labels = dict(secret.labels)
+        for label in stages:
+            model.validate_label(label)
+            if label not in model.AWS_LABELS and label not in labels:
+                self._check_label_fits(writer, secret, label)
+            previous = labels.get(label)
+            if previous == version_id:
+                continue
+            writer.set_label(secret.secret_id, label, version_id)
+            labels[label] = version_id
+            if label == AWSCURRENT and previous is not None and AWSPREVIOUS not in stages:
+                writer.set_label(secret.secret_id, AWSPREVIOUS, previous)
+                labels[AWSPREVIOUS] = previous
+
+    @staticmethod
+    def _check_labels(after: Secret) -> None:
+        counts: dict[str, int] = {}
+        for version_id in after.labels.values():
+            counts[version_id] = counts.get(version_id, 0) + 1
+        for version_id, count in counts.items():
+            if count > model.LABELS_PER_VERSION:
+                raise LimitExceededException(
+                    f"Version {version_id} would have {count} staging labels; the maximum "
+                    f"is {model.LABELS_PER_VERSION}.")
+
+    def _prune(self, writer, secret_id: int) -> None:
+        after = writer.load(secret_id)
+        excess = len(after.versions) - model.VERSIONS_KEPT
+        if excess <= 0:
+            return
+        labelled = set(after.labels.values())
+        cutoff = self.now() - timedelta(seconds=model.DEPRECATED_MIN_AGE_SECONDS)
+        for version in after.versions.values():  # oldest first
+            if excess <= 0:
+                break
+            if version.version_id not in labelled and version.created < cutoff:
+                writer.delete_version(secret_id, version.version_id)
+                excess -= 1
+
+    def _add_version(self, writer, secret: Secret, token: str | None, value: tuple[bytes, bool],
+                     stages: list[str]) -> str:
+        """Create (or idempotently repeat) a version; returns its id."""
+        version_id = model.validate_token(token) if token is not None else model.new_token()
+        data, is_binary = value
+        existing = secret.versions.get(version_id)
+        if existing is not None and existing.size is not None:
+            stored = self._decrypt(secret, version_id)
+            if stored is None or stored[1] != is_binary or not hmac.compare_digest(
+                    stored[0], data):
+                raise ResourceExistsException(
+                    f"You can't modify an existing version ({version_id}); "
+                    "use a new ClientRequestToken to create a new version.")
+            return version_id
+        if existing is None and len(secret.versions) >= model.VERSIONS_MAX:
+            raise LimitExceededException(
+                f"The secret already has {len(secret.versions)} versions created in the last "
+                "24 hours; wait before adding more.")
+        sealed = self._seal(secret, version_id, data, is_binary)
+        if existing is None:
+            writer.insert_version(secret.secret_id, version_id, created=self.now(),
+                                  sealed=sealed, is_binary=is_binary)
+        else:  # a version created empty (by rotation) receives its value
+            writer.fill_version(secret.secret_id, version_id, sealed)
+        self._attach(writer, secret, version_id, stages)
+        self._check_labels(writer.load(secret.secret_id))
+        self._prune(writer, secret.secret_id)
+        return version_id
+
+    # --- actions: create and change ----------------------------------------------
+
+    def create_secret(self, caller: Caller, Name, ClientRequestToken=None, Description=None,
+                      KmsKeyId=None, SecretBinary=None, SecretString=None, Tags=None,
+                      AddReplicaRegions=None, ForceOverwriteReplicaSecret=None, Type=None,
+                      CrossAccountPrimaryARN=None):
+        self._authorize(caller, "CreateSecret")
+        model.validate_name(Name)
+        if AddReplicaRegions or CrossAccountPrimaryARN:
+            raise InvalidRequestException("secretfs doesn't replicate secrets across regions.")
+        if Type:
+            raise InvalidParameterException("secretfs doesn't support managed external secrets.")
+        self._check_description(Description)
+        tags = model.validate_tags(Tags or [])
+        if len(tags) > model.TAGS_MAX:
+            raise InvalidParameterException(f"A secret can have at most {model.TAGS_MAX} tags.")
+        value = self._value(SecretString, SecretBinary, required=False)
+        if ClientRequestToken is not None:
+            model.validate_token(ClientRequestToken)
+        kms_key_id = KmsKeyId or None
+        if kms_key_id:
+            self.keys.resolve(kms_key_id)
+        path = "/".join(model.name_segments(Name))
+        with self._mutation_lock:
+            existing = self.catalog.id_by_name(Name)
+            if existing is not None:
+                return self._repeat_create(existing, Name, ClientRequestToken, value)
+            with self.store.write() as writer:
+                if writer.find(path=path) is not None:
+                    raise ResourceExistsException(
+                        f"The secret {Name} maps to the directory {path!r}, which another "
+                        "secret already uses.")
+                self._check_tree(writer, path)
+                now = self.now()
+                arn = self._new_arn(writer, Name)
+                secret_id = writer.insert_secret(
+                    name=Name, path=path, arn=arn, description=Description,
+                    kms_key_id=kms_key_id, created=now)
+                writer.set_tags(secret_id, tags)
+                version_id = None
+                if value is not None:
+                    version_id = self._add_version(
+                        writer, writer.load(secret_id), ClientRequestToken, value, [AWSCURRENT])
+            self.catalog.refresh(secret_id)
+        response = {"ARN": arn, "Name": Name}
+        if version_id:
+            response["VersionId"] = version_id
+        return response
+
+    def _repeat_create(self, secret_id: int, name: str, token: str | None, value) -> dict:
+        """CreateSecret retried with the same token and value succeeds as before."""
+        secret = self.catalog.get(secret_id)
+        if secret.is_deleted:
+            raise InvalidRequestException(
+                "You can't create this secret because a secret with this name is already "
+                "scheduled for deletion.")
+        if token is not None and value is not None and token in secret.versions:
+            stored = self._decrypt(secret, token)
+            if stored is not None and stored[1] == value[1] and hmac.compare_digest(
+                    stored[0], value[0]):
+                return {"ARN": secret.arn, "Name": secret.name, "VersionId": token}
+        raise ResourceExistsException(f"The operation failed because the secret {name} already exists.")
+
+    def _new_arn(self, reader, name: str) -> str:
+        alphabet = string.ascii_letters + string.digits
+        while True:
+            suffix = "".join(secrets.choice(alphabet) for _ in range(6))
+            arn = (f"arn:aws:secretsmanager:{self.region}:{self.account_id}:secret:"
+                   f"{name}-{suffix}")
+            if reader.find(arn=arn) is None:
+                return arn
+
+    @staticmethod
+    def _check_description(description) -> None:
+        if description is not None and (
+                not isinstance(description, str) or len(description) > model.DESCRIPTION_MAX):
+            raise InvalidParameterException(
+                f"Description must be a string of at most {model.DESCRIPTION_MAX} characters.")
+
+    def put_secret_value(self, caller: Caller, SecretId, ClientRequestToken=None,
+                         SecretBinary=None, SecretString=None, VersionStages=None,
+                         RotationToken=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "PutSecretValue", secret)
+        value = self._value(SecretString, SecretBinary, required=True)
+        stages = self._stages(VersionStages)
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            version_id = self._add_version(writer, fresh, ClientRequestToken, value, stages)
+            writer.update_secret(fresh.secret_id, changed=self.now())
+            return version_id
+
+        version_id, after = self._mutate(secret.secret_id, change)
+        return {"ARN": after.arn, "Name": after.name, "VersionId": version_id,
+                "VersionStages": after.stages_of(version_id)}
+
+    @staticmethod
+    def _stages(stages) -> list[str]:
+        if stages is None:
+            return [AWSCURRENT]
+        if not isinstance(stages, list) or not stages:
+            raise InvalidParameterException("VersionStages must be a non-empty list of labels.")
+        if len(stages) > model.LABELS_PER_VERSION:
+            raise InvalidParameterException(
+                f"A version can have at most {model.LABELS_PER_VERSION} staging labels.")
+        return [model.validate_label(label) for label in stages]
+
+    @staticmethod
+    def _require_live(secret: Secret) -> None:
+        if secret.is_deleted:
+            raise InvalidRequestException(MARKED_FOR_DELETION)
+
+    def update_secret(self, caller: Caller, SecretId, ClientRequestToken=None, Description=None,
+                      KmsKeyId=None, SecretBinary=None, SecretString=None, Type=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "UpdateSecret", secret)
+        if Type:
+            raise InvalidParameterException("secretfs doesn't support managed external secrets.")
+        self._check_description(Description)
+        value = self._value(SecretString, SecretBinary, required=False)
+        if KmsKeyId:
+            self.keys.resolve(KmsKeyId)
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            fields = {}
+            if Description is not None:
+                fields["description"] = Description
+            if KmsKeyId is not None:
+                # New versions use the new key; existing versions keep the key
+                # they were sealed with (recorded per version), so they still open.
+                fields["kms_key_id"] = KmsKeyId or None
+            if fields:
+                writer.update_secret(fresh.secret_id, **fields)
+            version_id = None
+            if value is not None:
+                version_id = self._add_version(
+                    writer, writer.load(fresh.secret_id), ClientRequestToken, value,
+                    [AWSCURRENT])
+            if fields or value is not None:
+                writer.update_secret(fresh.secret_id, changed=self.now())
+            return version_id
+
+        version_id, after = self._mutate(secret.secret_id, change)
+        response = {"ARN": after.arn, "Name": after.name}
+        if version_id:
+            response["VersionId"] = version_id
+        return response
+
+    def update_secret_version_stage(self, caller: Caller, SecretId, VersionStage,
+                                    RemoveFromVersionId=None, MoveToVersionId=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "UpdateSecretVersionStage", secret)
+        label = model.validate_label(VersionStage)
+        if RemoveFromVersionId is None and MoveToVersionId is None:
+            raise InvalidParameterException(
+                "Specify RemoveFromVersionId, MoveToVersionId, or both.")
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            holder = fresh.labels.get(label)
+            if RemoveFromVersionId is not None:
+                if RemoveFromVersionId not in fresh.versions:
+                    raise InvalidParameterException(
+                        f"Not a valid version: {RemoveFromVersionId}")
+                if holder != RemoveFromVersionId:
+                    raise InvalidParameterException(
+                        f"The staging label {label} is not attached to version "
+                        f"{RemoveFromVersionId}.")
+            if MoveToVersionId is None:
+                if label == AWSCURRENT:
+                    raise InvalidParameterException(
+                        "You can't remove AWSCURRENT from a version without moving it to "
+                        "another version with MoveToVersionId.")
+                writer.remove_label(fresh.secret_id, label)
+            else:
+                target = fresh.versions.get(MoveToVersionId)
+                if target is None:
+                    raise ResourceNotFoundException(
+                        f"Secrets Manager can't find the specified secret version: "
+                        f"{MoveToVersionId}")
+                if holder is not None and holder not in (MoveToVersionId, RemoveFromVersionId):
+                    raise InvalidParameterException(
+                        f"The parameter RemoveFromVersionId can't be empty. Staging label "
+                        f"{label} is currently attached to version {holder}, so you must "
+                        "explicitly reference that version in RemoveFromVersionId.")
+                if label == AWSCURRENT and target.size is None:
+                    raise InvalidRequestException(
+                        f"Version {MoveToVersionId} has no value yet; AWSCURRENT can't move "
+                        "to it.")
+                self._attach(writer, fresh, MoveToVersionId, [label])
+                self._check_labels(writer.load(fresh.secret_id))
+            writer.update_secret(fresh.secret_id, changed=self.now())
+
+        _, after = self._mutate(secret.secret_id, change)
+        return {"ARN": after.arn, "Name": after.name}
+
+    def tag_resource(self, caller: Caller, SecretId, Tags):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "TagResource", secret)
+        new_tags = model.validate_tags(Tags)
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            merged = dict(fresh.tags)
+            merged.update(new_tags)
+            if len(merged) > model.TAGS_MAX:
+                raise LimitExceededException(f"A secret can have at most {model.TAGS_MAX} tags.")
+            writer.set_tags(fresh.secret_id, list(merged.items()))
+            writer.update_secret(fresh.secret_id, changed=self.now())
+
+        self._mutate(secret.secret_id, change)
+        return {}
+
+    def untag_resource(self, caller: Caller, SecretId, TagKeys):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "UntagResource", secret)
+        if not isinstance(TagKeys, list):
+            raise InvalidParameterException("TagKeys must be a list of tag keys.")
+        drop = {model.validate_tag_key(key) for key in TagKeys}
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            writer.set_tags(fresh.secret_id,
+                            [(key, value) for key, value in fresh.tags if key not in drop])
+            writer.update_secret(fresh.secret_id, changed=self.now())
+
+        self._mutate(secret.secret_id, change)
+        return {}
+
+    # --- deletion ---------------------------------------------------------------
+
+    def delete_secret(self, caller: Caller, SecretId, RecoveryWindowInDays=None,
+                      ForceDeleteWithoutRecovery=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "DeleteSecret", secret)
+        if ForceDeleteWithoutRecovery and RecoveryWindowInDays is not None:
+            raise InvalidParameterException(
+                "You can't use ForceDeleteWithoutRecovery in conjunction with "
+                "RecoveryWindowInDays.")
+        window = model.RECOVERY_WINDOW_DEFAULT if RecoveryWindowInDays is None else RecoveryWindowInDays
+        if not isinstance(window, int) or not (
+                model.RECOVERY_WINDOW_MIN <= window <= model.RECOVERY_WINDOW_MAX):
+            raise InvalidParameterException(
+                f"RecoveryWindowInDays must be between {model.RECOVERY_WINDOW_MIN} and "
+                f"{model.RECOVERY_WINDOW_MAX} days.")
+        now = self.now()
+        if ForceDeleteWithoutRecovery:
+            with self._mutation_lock:
+                with self.store.write() as writer:
+                    writer.delete_secret(secret.secret_id)
+                self.catalog.refresh(secret.secret_id)
+            return {"ARN": secret.arn, "Name": secret.name, "DeletionDate": now}
+
+        def change(writer, fresh: Secret):
+            if fresh.is_deleted:
+                raise InvalidRequestException(
+                    "You can't delete the secret because it is already scheduled for deletion.")
+            deletion = now + timedelta(days=window)
+            writer.update_secret(fresh.secret_id, deleted=deletion, changed=now)
+            return deletion
+
+        deletion, _ = self._mutate(secret.secret_id, change)
+        return {"ARN": secret.arn, "Name": secret.name, "DeletionDate": deletion}
+
+    def restore_secret(self, caller: Caller, SecretId):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "RestoreSecret", secret)
+
+        def change(writer, fresh: Secret):
+            if not fresh.is_deleted:
+                raise InvalidRequestException(
+                    "You can't restore the secret because it isn't scheduled for deletion.")
+            writer.update_secret(fresh.secret_id, deleted=None, changed=self.now())
+
+        self._mutate(secret.secret_id, change)
+        return {"ARN": secret.arn, "Name": secret.name}
+
+    def purge_expired(self) -> int:
+        """Remove secrets whose recovery window has passed; returns how many."""
+        with self.store.read() as reader:
+            expired = reader.expired(self.now().timestamp())
+        for secret_id in expired:
+            with self._mutation_lock:
+                with self.store.write() as writer:
+                    writer.delete_secret(secret_id)
+                self.catalog.refresh(secret_id)
+        return len(expired)
+
+    def next_deletion(self) -> datetime | None:
+        with self.store.read() as reader:
+            when = reader.next_deletion()
+        return None if when is None else datetime.fromtimestamp(when, UTC)
+
+    # --- actions: read ------------------------------------------------------------
+
+    def get_secret_value(self, caller: Caller, SecretId, VersionId=None, VersionStage=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "GetSecretValue", secret)
+        return self._secret_value(secret, VersionId, VersionStage)
+
+    def _secret_value(self, secret: Secret, version_id, stage) -> dict:
+        self._require_live(secret)
+        version_id = self.resolve_version(secret, version_id, stage)
+        stored = self._decrypt(secret, version_id)
+        if stored is None:
+            raise ResourceNotFoundException(
+                f"Secrets Manager can't find the specified secret value for VersionId: "
+                f"{version_id}")
+        data, is_binary = stored
+        self.record_access(secret, version_id)
+        response = {"ARN": secret.arn, "Name": secret.name, "VersionId": version_id,
+                    "VersionStages": secret.stages_of(version_id),
+                    "CreatedDate": secret.versions[version_id].created}
+        if is_binary:
+            response["SecretBinary"] = data
+        else:
+            response["SecretString"] = data.decode("utf-8")
+        return response
+
+    @staticmethod
+    def resolve_version(secret: Secret, version_id: str | None, stage: str | None) -> str:
+        if version_id is not None:
+            if version_id not in secret.versions:
+                raise ResourceNotFoundException(
+                    f"Secrets Manager can't find the specified secret value for VersionId: "
+                    f"{version_id}")
+            if stage is not None and secret.labels.get(stage) != version_id:
+                raise InvalidRequestException(
+                    "You provided a VersionStage that is not associated to the provided "
+                    "VersionId.")
+            return version_id
+        stage = stage or AWSCURRENT
+        found = secret.labels.get(stage)
+        if found is None:
+            raise ResourceNotFoundException(
+                f"Secrets Manager can't find the specified secret value for staging label: "
+                f"{stage}")
+        return found
+
+    def batch_get_secret_value(self, caller: Caller, SecretIdList=None, Filters=None,
+                               MaxResults=None, NextToken=None):
+        self._authorize(caller, "BatchGetSecretValue")
+        if (SecretIdList is None) == (Filters is None):
+            raise InvalidParameterException(
+                "Specify either SecretIdList or Filters, but not both.")
+        values, errors, next_token = [], [], None
+        if SecretIdList is not None:
+            if NextToken is not None or MaxResults is not None:
+                raise InvalidParameterException(
+                    "NextToken and MaxResults apply only with Filters.")
+            if not isinstance(SecretIdList, list) or not 1 <= len(SecretIdList) <= model.BATCH_MAX_IDS:
+                raise InvalidParameterException(
+                    f"SecretIdList must hold 1 to {model.BATCH_MAX_IDS} secret ids.")
+            secrets_ = []
+            for secret_id in SecretIdList:
+                try:
+                    secrets_.append((secret_id, self._secret(secret_id)))
+                except model.SecretsManagerError as error:
+                    errors.append(self._batch_error(secret_id, error))
+        else:
+            limit = MaxResults or model.BATCH_MAX_IDS
+            if not isinstance(limit, int) or not 1 <= limit <= model.BATCH_MAX_IDS:
+                raise InvalidParameterException(
+                    f"MaxResults must be between 1 and {model.BATCH_MAX_IDS}.")
+            page, next_token = self._page(Filters, limit, NextToken, False, "created-date", "asc")
+            secrets_ = [(secret.name, secret) for secret in page]
+        for secret_id, secret in secrets_:
+            try:
+                self._authorize(caller, "GetSecretValue", secret)
+                values.append(self._secret_value(secret, None, None))
+            except model.SecretsManagerError as error:
+                errors.append(self._batch_error(secret_id, error))
+        response = {"SecretValues": values, "Errors": errors}
+        if next_token:
+            response["NextToken"] = next_token
+        return response
+
+    @staticmethod
+    def _batch_error(secret_id: str, error: model.SecretsManagerError) -> dict:
+        return {"SecretId": secret_id, "ErrorCode": error.code, "Message": error.message}
+
+    def describe_secret(self, caller: Caller, SecretId):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "DescribeSecret", secret)
+        response = self._metadata(secret)
+        response["VersionIdsToStages"] = self._versions_to_stages(secret)
+        return response
+
+    def _metadata(self, secret: Secret) -> dict:
+        response = {"ARN": secret.arn, "Name": secret.name}
+        if secret.description is not None:
+            response["Description"] = secret.description
+        if secret.kms_key_id:
+            response["KmsKeyId"] = secret.kms_key_id
+        rotation = secret.rotation or {}
+        if rotation:
+            response["RotationEnabled"] = bool(rotation.get("Enabled"))
+            for key in ("RotationLambdaARN", "RotationRules"):
+                if rotation.get(key) is not None:
+                    response[key] = rotation[key]
+            for key in ("LastRotatedDate", "NextRotationDate"):
+                if rotation.get(key) is not None:
+                    response[key] = datetime.fromtimestamp(rotation[key], UTC)
+        response["LastChangedDate"] = secret.changed
+        if secret.accessed is not None:
+            response["LastAccessedDate"] = secret.accessed
+        if secret.deleted is not None:
+            response["DeletedDate"] = secret.deleted
+        if secret.tags:
+            response["Tags"] = [{"Key": key, "Value": value} for key, value in secret.tags]
+        response["CreatedDate"] = secret.created
+        return response
+
+    @staticmethod
+    def _versions_to_stages(secret: Secret) -> dict[str, list[str]]:
+        mapping: dict[str, list[str]] = {}
+        for label, version_id in sorted(secret.labels.items()):
+            mapping.setdefault(version_id, []).append(label)
+        return mapping
+
+    def list_secret_version_ids(self, caller: Caller, SecretId, MaxResults=None, NextToken=None,
+                                IncludeDeprecated=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "ListSecretVersionIds", secret)
+        limit = self._limit(MaxResults, model.LIST_MAX_RESULTS)
+        labelled = set(secret.labels.values())
+        versions = [version for version in reversed(list(secret.versions.values()))
+                    if IncludeDeprecated or version.version_id in labelled]
+        start = self._decode_token(NextToken, "versions")[0] if NextToken else 0
+        if not isinstance(start, int) or start < 0:
+            raise InvalidNextTokenException("The NextToken value is invalid.")
+        page = versions[start:start + limit]
+        entries = []
+        for version in page:
+            entry = {"VersionId": version.version_id,
+                     "VersionStages": secret.stages_of(version.version_id),
+                     "CreatedDate": version.created}
+            if version.last_accessed is not None:
+                entry["LastAccessedDate"] = version.last_accessed
+            if version.key_id:
+                entry["KmsKeyIds"] = [self.keys.key_arn(version.key_id)]
+            entries.append(entry)
+        response = {"Versions": entries, "ARN": secret.arn, "Name": secret.name}
+        if start + limit < len(versions):
+            response["NextToken"] = self._encode_token("versions", start + limit)
+        return response
+
+    def list_secrets(self, caller: Caller, IncludePlannedDeletion=None, MaxResults=None,
+                     NextToken=None, Filters=None, SortOrder=None, SortBy=None):
+        self._authorize(caller, "ListSecrets")
+        limit = self._limit(MaxResults, model.LIST_MAX_RESULTS)
+        sort_by = SortBy or "created-date"
+        if sort_by not in ("created-date", "last-accessed-date", "last-changed-date", "name"):
+            raise InvalidParameterException(f"Invalid SortBy value {SortBy!r}.")
+        if SortOrder not in (None, "asc", "desc"):
+            raise InvalidParameterException(f"Invalid SortOrder value {SortOrder!r}.")
+        page, next_token = self._page(Filters, limit, NextToken, bool(IncludePlannedDeletion),
+                                      sort_by, SortOrder or "asc")
+        entries = []
+        for secret in page:
+            entry = self._metadata(secret)
+            entry["SecretVersionsToStages"] = self._versions_to_stages(secret)
+            entries.append(entry)
+        response = {"SecretList": entries}
+        if next_token:
+            response["NextToken"] = next_token
+        return response
+
+    @staticmethod
+    def _limit(value, maximum: int) -> int:
+        if value is None:
+            return maximum
+        if not isinstance(value, int) or not 1 <= value <= maximum:
+            raise InvalidParameterException(f"MaxResults must be between 1 and {maximum}.")
+        return value
+
+    def _page(self, filters, limit: int, token: str | None, include_deleted: bool,
+              sort_by: str, order: str) -> tuple[list[Secret], str | None]:
+        match = self._filter(filters)
+        after = None
+        if token:
+            cursor = self._decode_token(token, f"secrets:{sort_by}:{order}")
+            if len(cursor) != 2 or not isinstance(cursor[1], int):
+                raise InvalidNextTokenException("The NextToken value is invalid.")
+            after = tuple(cursor)
+        kind = f"secrets:{sort_by}:{order}"
+        found: list[Secret] = []
+        batch = max(limit * 2, 100)
+        with self.store.read() as reader:
+            def rows_after(cursor, count):
+                return reader.ids_sorted(sort_by=sort_by, descending=order == "desc",
+                                         include_deleted=include_deleted, after=cursor,
+                                         limit=count)
+            while True:
+                rows = rows_after(after, batch)
+                for cursor in rows:
+                    secret = self.catalog.get(cursor[1])
+                    if secret is None or not match(secret):
+                        continue
+                    found.append(secret)
+                    if len(found) == limit:
+                        more = rows_after(cursor, 1)
+                        return found, self._encode_token(kind, *cursor) if more else None
+                if len(rows) < batch:
+                    return found, None
+                after = rows[-1]
+
+    def _filter(self, filters) -> Callable[[Secret], bool]:
+        if not filters:
+            return lambda secret: True
+        if not isinstance(filters, list) or len(filters) > 10:
+            raise InvalidParameterException("Filters must be a list of at most 10 filters.")
+        checks = []
+        for item in filters:
+            key = item.get("Key") if isinstance(item, dict) else None
+            values = item.get("Values") if isinstance(item, dict) else None
+            if key not in ("description", "name", "tag-key", "tag-value", "primary-region",
+                           "owning-service", "all"):
+                raise InvalidParameterException(f"Invalid filter key {key!r}.")
+            if not isinstance(values, list) or not values or not all(
+                    isinstance(value, str) for value in values):
+                raise InvalidParameterException(f"Filter {key!r} needs a list of values.")
+            checks.append(self._filter_check(key, values))
+        return lambda secret: all(check(secret) for check in checks)
+
+    def _filter_check(self, key: str, values: list[str]) -> Callable[[Secret], bool]:
+        def attributes(secret: Secret) -> tuple[list[str], bool]:
+            if key == "name":
+                return [secret.name], False
+            if key == "description":
+                return [secret.description or ""], True
+            if key == "tag-key":
+                return [k for k, _ in secret.tags], False
+            if key == "tag-value":
+                return [v for _, v in secret.tags], False
+            if key == "primary-region":
+                return [self.region], False
+            if key == "owning-service":
+                return [], False
+            text = " ".join([secret.name, secret.description or "",
+                             *(f"{k} {v}" for k, v in secret.tags)])
+            return [word for word in re.split(r"[\s/_+=.@:-]+", text) if word], True
+
+        positive = [value for value in values if not value.startswith("!")]
+        negative = [value[1:] for value in values if value.startswith("!")]
+
+        def matches(secret: Secret, value: str) -> bool:
+            candidates, fold = attributes(secret)
+            if fold:
+                candidates = [candidate.lower() for candidate in candidates]
+            if key == "all":
+                words = [word for word in re.split(r"[\s/_+=.@:-]+", value.lower()) if word]
+                return all(any(c.startswith(word) for c in candidates) for word in words)
+            value = value.lower() if fold else value
+            return any(candidate.startswith(value) for candidate in candidates)
+
+        def check(secret: Secret) -> bool:
+            if positive and not any(matches(secret, value) for value in positive):
+                return False
+            return not any(matches(secret, value) for value in negative)
+
+        return check
+
+    @staticmethod
+    def _encode_token(kind: str, *cursor) -> str:
+        raw = json.dumps([kind, *cursor], separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode()
+
+    @staticmethod
+    def _decode_token(token: str, kind: str) -> list:
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+        except (ValueError, TypeError, binascii.Error):
+            raise InvalidNextTokenException("The NextToken value is invalid.") from None
+        if not isinstance(decoded, list) or not decoded or decoded[0] != kind:
+            raise InvalidNextTokenException("The NextToken value is invalid.")
+        return decoded[1:]
+
+    def get_random_password(self, caller: Caller, PasswordLength=None, ExcludeCharacters=None,
+                            ExcludeNumbers=None, ExcludePunctuation=None, ExcludeUppercase=None,
+                            ExcludeLowercase=None, IncludeSpace=None,
+                            RequireEachIncludedType=None):
+        self._authorize(caller, "GetRandomPassword")
+        given = {name: value for name, value in locals().items()
+                 if name not in ("self", "caller") and value is not None}
+        return {"RandomPassword": random_password(**given)}
+
+    # --- secretfs's own actions -------------------------------------------------
+
+    def create_key(self, caller: Caller, Alias=None, Description=None):
+        self._authorize(caller, "CreateKey")
+        return self.keys.create_key(alias=Alias, description=Description)
+
+    def list_keys(self, caller: Caller):
+        self._authorize(caller, "ListKeys")
+        return {"Keys": self.keys.list_keys()}
+
+    # --- for the filesystem -------------------------------------------------------
+
+    def authorize_read(self, caller: Caller, secret: Secret, version_id: str) -> None:
+        """The open() of a version's file is a GetSecretValue of that version."""
+        self._authorize(caller, "GetSecretValue", secret)
+
+    def may_read(self, caller: Caller, secret: Secret, version_id: str) -> bool:
+        return self.authorizer.allows(caller, "GetSecretValue", secret.arn)
+
+    def read_version(self, secret: Secret, version_id: str) -> bytes:
+        """The plaintext of one version; DecryptionFailure if its row was tampered with."""
+        stored = self._decrypt(secret, version_id)
+        if stored is None:
+            raise ResourceNotFoundException(
+                f"Secrets Manager can't find the specified secret value for VersionId: "
+                f"{version_id}")
+        return stored[0]
+
+    def record_access(self, secret: Secret, version_id: str) -> None:
+        """Note a read; LastAccessedDate is a date, so at most one write a day."""
+        today = self.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        version = secret.versions.get(version_id)
+        if secret.accessed != today or (version and version.last_accessed != today):
+            self._pending_access[(secret.secret_id, version_id)] = today
+
+    def flush_accesses(self) -> None:
+        pending, self._pending_access = self._pending_access, {}
+        for (secret_id, version_id), day in pending.items():
+            def change(writer, fresh: Secret, version_id=version_id, day=day):
+                writer.update_secret(fresh.secret_id, accessed=day)
+                if version_id in fresh.versions:
+                    writer.touch_version(fresh.secret_id, version_id, day)
+            with contextlib.suppress(ResourceNotFoundException):  # deleted since read
+                self._mutate(secret_id, change)

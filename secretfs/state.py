@@ -1,0 +1,65 @@
+"""The state directory: where the store, the keys, the control socket and the logs live.
+
+Every client verb finds the daemon through --state-dir, else $SECRETFS_STATE_DIR,
+else /var/lib/secretfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_STATE_DIR = "/var/lib/secretfs"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_ACCOUNT_ID = "000000000000"
+
+
+def resolve_state_dir(explicit: str | None = None) -> Path:
+    return Path(explicit or os.environ.get("SECRETFS_STATE_DIR") or DEFAULT_STATE_DIR)
+
+
+@dataclass(frozen=True)
+class StateDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "secrets.db"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys.json"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "control.sock"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "daemon.lock"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "daemon.log"
+
+    def exists(self) -> bool:
+        return self.config.exists()
+
+    def read_config(self) -> dict:
+        try:
+            return json.loads(self.config.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{self.root} is not a secretfs state directory (run 'secretfs init')") from None
+
+    def write_config(self, config: dict) -> None:
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.config)

@@ -1,0 +1,356 @@
+"""The embedded SQLite store.
+
+Schema (version 1), dates are epoch seconds (UTC) as REAL:
+
+    meta      (key PRIMARY KEY, value)            -- schema_version, created
+    secrets   (id PRIMARY KEY AUTOINCREMENT,       -- ids are never reused, so an
+               name UNIQUE, path UNIQUE,           -- inode keyed by id can't alias
+               arn UNIQUE, description,            -- a recreated secret
+               kms_key_id, created, changed,
+               accessed, deleted, rotation JSON)
+    tags      (secret_id, position, key, value)
+    versions  (secret_id, version_id, created, is_binary,
+               ciphertext, wrapped_key, key_id, accessed)
+    labels    (secret_id, label, version_id)      -- a label is on at most one version
+
+`path` is the secret's directory below the mountpoint (its name's segments
+without empty ones); it is unique so two names never share a directory.
+
+WAL mode; every mutation is one `BEGIN IMMEDIATE` transaction. Each thread gets
+its own connection, so readers never wait for a writer's commit. Values arrive
+here already encrypted: this module never sees plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from secretfs.model import Secret, Version
+from secretfs.store import SealedValue, SecretRow, StoreError
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE secrets (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL UNIQUE,
+    arn TEXT NOT NULL UNIQUE,
+    description TEXT,
+    kms_key_id TEXT,
+    created REAL NOT NULL,
+    changed REAL NOT NULL,
+    accessed REAL,
+    deleted REAL,
+    rotation TEXT
+);
+CREATE TABLE tags (
+    secret_id INTEGER NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (secret_id, key)
+);
+CREATE TABLE versions (
+    secret_id INTEGER NOT NULL REFERENCES secrets(id) ON DELETE CASCADE,
+    version_id TEXT NOT NULL,
+    created REAL NOT NULL,
+    is_binary INTEGER NOT NULL,
+    ciphertext BLOB,
+    wrapped_key BLOB,
+    key_id TEXT,
+    accessed REAL,
+    PRIMARY KEY (secret_id, version_id)
+);
+CREATE TABLE labels (
+    secret_id INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    version_id TEXT NOT NULL,
+    PRIMARY KEY (secret_id, label),
+    FOREIGN KEY (secret_id, version_id)
+        REFERENCES versions(secret_id, version_id) ON DELETE CASCADE
+);
+CREATE INDEX secrets_by_created ON secrets(created, id);
+CREATE INDEX secrets_by_deleted ON secrets(deleted) WHERE deleted IS NOT NULL;
+"""
+
+# GCM adds a 12-byte nonce and a 16-byte tag to the plaintext.
+_SEAL_OVERHEAD = 28
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+class Reader:
+    """Queries over one connection; inside `write()` they see the transaction."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def rows(self) -> list[SecretRow]:
+        return [SecretRow(*row) for row in self.db.execute(
+            "SELECT id, name, path, arn, deleted FROM secrets")]
+
+    def row(self, secret_id: int) -> SecretRow | None:
+        found = self.db.execute(
+            "SELECT id, name, path, arn, deleted FROM secrets WHERE id = ?",
+            (secret_id,)).fetchone()
+        return SecretRow(*found) if found else None
+
+    def find(self, *, name: str | None = None, arn: str | None = None,
+             path: str | None = None) -> int | None:
+        column, value = (("name", name) if name is not None
+                         else ("arn", arn) if arn is not None else ("path", path))
+        found = self.db.execute(
+            f"SELECT id FROM secrets WHERE {column} = ?", (value,)).fetchone()
+        return found[0] if found else None
+
+    def find_arn_prefix(self, partial_arn: str) -> list[int]:
+        """Secrets whose ARN starts with a partial ARN (one without the random suffix)."""
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM secrets WHERE substr(arn, 1, ?) = ? AND length(arn) = ?",
+            (len(partial_arn), partial_arn, len(partial_arn) + 7))]
+
+    def paths_below(self, path: str) -> list[str]:
+        """Paths of all secrets (live or scheduled for deletion) strictly below `path`."""
+        prefix = path + "/"
+        return [row[0] for row in self.db.execute(
+            "SELECT path FROM secrets WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))]
+
+    def load(self, secret_id: int) -> Secret | None:
+        found = self.db.execute(
+            "SELECT id, name, arn, path, description, kms_key_id, created, changed, accessed,"
+            " deleted, rotation FROM secrets WHERE id = ?", (secret_id,)).fetchone()
+        if found is None:
+            return None
+        (sid, name, arn, path, description, kms_key_id, created, changed, accessed,
+         deleted, rotation) = found
+        tags = tuple(self.db.execute(
+            "SELECT key, value FROM tags WHERE secret_id = ? ORDER BY position", (sid,)))
+        versions = {
+            vid: Version(
+                version_id=vid, created=_ts(vcreated),
+                size=None if length is None else length - _SEAL_OVERHEAD,
+                is_binary=bool(is_binary), key_id=key_id, last_accessed=_ts(vaccessed))
+            for vid, vcreated, length, is_binary, key_id, vaccessed in self.db.execute(
+                "SELECT version_id, created, length(ciphertext), is_binary, key_id, accessed"
+                " FROM versions WHERE secret_id = ? ORDER BY created, rowid", (sid,))
+        }
+        labels = dict(self.db.execute(
+            "SELECT label, version_id FROM labels WHERE secret_id = ?", (sid,)))
+        return Secret(
+            secret_id=sid, name=name, arn=arn, path=path, description=description,
+            kms_key_id=kms_key_id, created=_ts(created), changed=_ts(changed),
+            accessed=_ts(accessed), deleted=_ts(deleted),
+            rotation=json.loads(rotation) if rotation else None,
+            tags=tags, versions=versions, labels=labels)
+
+    def sealed_value(self, secret_id: int, version_id: str) -> SealedValue | None:
+        found = self.db.execute(
+            "SELECT ciphertext, wrapped_key, key_id, is_binary FROM versions"
+            " WHERE secret_id = ? AND version_id = ?", (secret_id, version_id)).fetchone()
+        if found is None or found[0] is None:
+            return None
+        return SealedValue(bytes(found[0]), bytes(found[1]), found[2], bool(found[3]))
+
+    _SORT_COLUMNS = {"created-date": "created", "last-changed-date": "changed",
+                     "last-accessed-date": "coalesce(accessed, 0)", "name": "name"}
+
+    def ids_sorted(self, *, sort_by: str, descending: bool, include_deleted: bool,
+                   after: tuple[object, int] | None, limit: int) -> list[tuple[object, int]]:
+        """A page of (sort value, id) ordered by (sort value, id), after a cursor."""
+        column = self._SORT_COLUMNS[sort_by]
+        order = "DESC" if descending else "ASC"
+        clauses, args = [], []
+        if not include_deleted:
+            clauses.append("deleted IS NULL")
+        if after is not None:
+            clauses.append(f"({column}, id) {'<' if descending else '>'} (?, ?)")
+            args.extend(after)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        return [(row[0], row[1]) for row in self.db.execute(
+            f"SELECT {column}, id FROM secrets {where} ORDER BY {column} {order}, id {order}"
+            " LIMIT ?", (*args, limit))]
+
+    def expired(self, now: float) -> list[int]:
+        return [row[0] for row in self.db.execute(
+            "SELECT id FROM secrets WHERE deleted IS NOT NULL AND deleted <= ?", (now,))]
+
+    def next_deletion(self) -> float | None:
+        return self.db.execute("SELECT min(deleted) FROM secrets").fetchone()[0]
+
+
+class Writer(Reader):
+    """Mutations; only ever used inside one `store.write()` transaction."""
+
+    def insert_secret(self, *, name: str, path: str, arn: str, description: str | None,
+                      kms_key_id: str | None, created: datetime) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO secrets (name, path, arn, description, kms_key_id, created, changed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, path, arn, description, kms_key_id, _epoch(created), _epoch(created)))
+        return cursor.lastrowid
+
+    def update_secret(self, secret_id: int, **fields) -> None:
+        columns = {"description", "kms_key_id", "changed", "accessed", "deleted", "rotation"}
+        assert set(fields) <= columns, fields
+        values = []
+        for column, value in fields.items():
+            if isinstance(value, datetime):
+                value = _epoch(value)
+            elif column == "rotation" and value is not None:
+                value = json.dumps(value, sort_keys=True)
+            values.append(value)
+        assignments = ", ".join(f"{column} = ?" for column in fields)
+        self.db.execute(f"UPDATE secrets SET {assignments} WHERE id = ?", (*values, secret_id))
+
+    def set_tags(self, secret_id: int, tags: list[tuple[str, str]]) -> None:
+        self.db.execute("DELETE FROM tags WHERE secret_id = ?", (secret_id,))
+        self.db.executemany(
+            "INSERT INTO tags (secret_id, position, key, value) VALUES (?, ?, ?, ?)",
+            [(secret_id, position, key, value) for position, (key, value) in enumerate(tags)])
+
+    def insert_version(self, secret_id: int, version_id: str, *, created: datetime,
+                       sealed: SealedValue | None, is_binary: bool) -> None:
+        self.db.execute(
+            "INSERT INTO versions (secret_id, version_id, created, is_binary, ciphertext,"
+            " wrapped_key, key_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (secret_id, version_id, _epoch(created), int(is_binary),
+             sealed.ciphertext if sealed else None, sealed.wrapped_key if sealed else None,
+             sealed.key_id if sealed else None))
+
+    def fill_version(self, secret_id: int, version_id: str, sealed: SealedValue) -> None:
+        self.db.execute(
+            "UPDATE versions SET ciphertext = ?, wrapped_key = ?, key_id = ?, is_binary = ?"
+            " WHERE secret_id = ? AND version_id = ?",
+            (sealed.ciphertext, sealed.wrapped_key, sealed.key_id, int(sealed.is_binary),
+             secret_id, version_id))
+
+    def touch_version(self, secret_id: int, version_id: str, accessed: datetime) -> None:
+        self.db.execute(
+            "UPDATE versions SET accessed = ? WHERE secret_id = ? AND version_id = ?",
+            (_epoch(accessed), secret_id, version_id))
+
+    def delete_version(self, secret_id: int, version_id: str) -> None:
+        self.db.execute(
+            "DELETE FROM versions WHERE secret_id = ? AND version_id = ?",
+            (secret_id, version_id))
+
+    def set_label(self, secret_id: int, label: str, version_id: str) -> None:
+        self.db.execute(
+            "INSERT INTO labels (secret_id, label, version_id) VALUES (?, ?, ?)"
+            " ON CONFLICT (secret_id, label) DO UPDATE SET version_id = excluded.version_id",
+            (secret_id, label, version_id))
+
+    def remove_label(self, secret_id: int, label: str) -> None:
+        self.db.execute(
+            "DELETE FROM labels WHERE secret_id = ? AND label = ?", (secret_id, label))
+
+    def delete_secret(self, secret_id: int) -> None:
+        self.db.execute("DELETE FROM secrets WHERE id = ?", (secret_id,))
+
+
+class SqliteStore:
+    """The store on one SQLite file in WAL mode."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        with self._connection() as db:
+            version = self._schema_version(db)
+        if version is None:
+            raise StoreError(f"{self.path} has no secretfs schema (run 'secretfs init')")
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has schema version {version}; this secretfs knows up to "
+                f"{SCHEMA_VERSION}")
+
+    @classmethod
+    def create(cls, path: Path) -> SqliteStore:
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists")
+        db = sqlite3.connect(path, isolation_level=None)
+        try:
+            path.chmod(0o600)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                       (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        finally:
+            db.close()
+        return cls(path)
+
+    @staticmethod
+    def _schema_version(db: sqlite3.Connection) -> int | None:
+        try:
+            found = db.execute(
+                "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        return int(found[0]) if found else None
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA busy_timeout = 10000")
+            # NORMAL in WAL mode: a commit survives a process crash; only an OS
+            # crash may lose the last transactions, never corrupt the file.
+            db.execute("PRAGMA synchronous = NORMAL")
+            # Freed pages are zeroed so deleted ciphertext doesn't linger in the file.
+            db.execute("PRAGMA secure_delete = ON")
+            self._local.db = db
+        yield db
+
+    @contextmanager
+    def read(self) -> Iterator[Reader]:
+        with self._connection() as db:
+            yield Reader(db)
+
+    @contextmanager
+    def write(self) -> Iterator[Writer]:
+        with self._write_lock, self._connection() as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as error:
+                raise StoreError(f"the store can't start a write: {error}") from None
+            try:
+                yield Writer(db)
+            except sqlite3.Error as error:
+                db.execute("ROLLBACK")
+                raise StoreError(f"the store can't complete the write: {error}") from None
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as error:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise StoreError(f"the store can't commit: {error}") from None
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
