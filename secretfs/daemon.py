@@ -164,6 +164,9 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
     from secretfs.fs.ops import SecretsOperations
 
     mountpoint = mountpoint.resolve()
+    state = StateDir(state.root.resolve())
+    # Hold no directory busy, and let nothing resolve relative to where we started.
+    os.chdir("/")
     lock = _lock_state(state)
     try:
         service = open_service(state)
@@ -183,7 +186,7 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
         try:
             async with trio.open_nursery() as nursery:
                 async def run_fuse():
-                    await pyfuse3.main()
+                    await pyfuse3.main(max_tasks=1)
                     nursery.cancel_scope.cancel()  # unmounted from outside
 
                 nursery.start_soon(run_fuse)

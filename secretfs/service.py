@@ -165,7 +165,8 @@ class SecretsManagerService:
 
     def _seal(self, secret: Secret, version_id: str, data: bytes, is_binary: bool) -> SealedValue:
         key_id = self.keys.resolve(secret.kms_key_id)
-        sealed = seal(self.keys, key_id, data, arn=secret.arn, version_id=version_id)
+        sealed = seal(self.keys, key_id, data, arn=secret.arn, version_id=version_id,
+                      binary=is_binary)
         return SealedValue(sealed.ciphertext, sealed.wrapped_key, sealed.key_id, is_binary)
 
     def _decrypt(self, secret: Secret, version_id: str) -> tuple[bytes, bool] | None:
@@ -174,7 +175,7 @@ class SecretsManagerService:
         if stored is None:
             return None
         plaintext = unseal(self.keys, Sealed(stored.ciphertext, stored.wrapped_key, stored.key_id),
-                           arn=secret.arn, version_id=version_id)
+                           arn=secret.arn, version_id=version_id, binary=stored.is_binary)
         return plaintext, stored.is_binary
 
     # --- the names-as-directories rule ----------------------------------------
@@ -272,6 +273,12 @@ class SecretsManagerService:
                     f"You can't modify an existing version ({version_id}); "
                     "use a new ClientRequestToken to create a new version.")
             return version_id
+        if existing is None:
+            self._prune(writer, secret.secret_id)
+            secret = writer.load(secret.secret_id)
+            if AWSCURRENT not in secret.labels and AWSCURRENT not in stages:
+                # AWS: the first version of a secret always gets AWSCURRENT.
+                stages = [*stages, AWSCURRENT]
         if existing is None and len(secret.versions) >= model.VERSIONS_MAX:
             raise LimitExceededException(
                 f"The secret already has {len(secret.versions)} versions created in the last "
@@ -570,12 +577,18 @@ class SecretsManagerService:
         """Remove secrets whose recovery window has passed; returns how many."""
         with self.store.read() as reader:
             expired = reader.expired(self.now().timestamp())
+        purged = 0
         for secret_id in expired:
             with self._mutation_lock:
                 with self.store.write() as writer:
+                    fresh = writer.load(secret_id)
+                    # Restored (or already gone) since the query above: keep it.
+                    if fresh is None or fresh.deleted is None or fresh.deleted > self.now():
+                        continue
                     writer.delete_secret(secret_id)
                 self.catalog.refresh(secret_id)
-        return len(expired)
+                purged += 1
+        return purged
 
     def next_deletion(self) -> datetime | None:
         with self.store.read() as reader:
@@ -717,8 +730,9 @@ class SecretsManagerService:
         labelled = set(secret.labels.values())
         versions = [version for version in reversed(list(secret.versions.values()))
                     if IncludeDeprecated or version.version_id in labelled]
-        start = self._decode_token(NextToken, "versions")[0] if NextToken else 0
-        if not isinstance(start, int) or start < 0:
+        cursor = self._decode_token(NextToken, "versions") if NextToken else [0]
+        start = cursor[0] if len(cursor) == 1 else None
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
             raise InvalidNextTokenException("The NextToken value is invalid.")
         page = versions[start:start + limit]
         entries = []
@@ -771,7 +785,9 @@ class SecretsManagerService:
         after = None
         if token:
             cursor = self._decode_token(token, f"secrets:{sort_by}:{order}")
-            if len(cursor) != 2 or not isinstance(cursor[1], int):
+            value_type = str if sort_by == "name" else (int, float)
+            if (len(cursor) != 2 or not isinstance(cursor[1], int)
+                    or isinstance(cursor[1], bool) or not isinstance(cursor[0], value_type)):
                 raise InvalidNextTokenException("The NextToken value is invalid.")
             after = tuple(cursor)
         kind = f"secrets:{sort_by}:{order}"

@@ -72,10 +72,15 @@ def encryption_context(arn: str, version_id: str) -> dict[str, str]:
     return {"SecretARN": arn, "SecretVersionId": version_id}
 
 
+def _value_aad(arn: str, version_id: str, binary: bool) -> bytes:
+    # The kind is bound too: a row flipped from string to binary must not open.
+    return encode_fields(_VALUE_AAD_TAG, arn, version_id, "binary" if binary else "string")
+
+
 def seal(provider: KeyProvider, key_id: str, plaintext: bytes, *, arn: str,
-         version_id: str) -> Sealed:
+         version_id: str, binary: bool = False) -> Sealed:
     """Encrypt one version's value under a fresh data key wrapped by ``key_id``."""
-    aad = encode_fields(_VALUE_AAD_TAG, arn, version_id)
+    aad = _value_aad(arn, version_id, binary)
     data_key = bytearray(os.urandom(DATA_KEY_SIZE))
     try:
         wrapped_key = provider.wrap(key_id, data_key, encryption_context(arn, version_id))
@@ -86,9 +91,11 @@ def seal(provider: KeyProvider, key_id: str, plaintext: bytes, *, arn: str,
     return Sealed(ciphertext=ciphertext, wrapped_key=wrapped_key, key_id=key_id)
 
 
-def unseal(provider: KeyProvider, sealed: Sealed, *, arn: str, version_id: str) -> bytes:
-    """Decrypt a value sealed for exactly this ARN and version id, or raise DecryptionFailure."""
-    aad = encode_fields(_VALUE_AAD_TAG, arn, version_id)
+def unseal(provider: KeyProvider, sealed: Sealed, *, arn: str, version_id: str,
+           binary: bool = False) -> bytes:
+    """Decrypt a value sealed for exactly this ARN, version id and kind, or raise
+    DecryptionFailure."""
+    aad = _value_aad(arn, version_id, binary)
     what = f"the value of {arn} version {version_id}"
     if len(sealed.ciphertext) < NONCE_SIZE + TAG_SIZE:
         raise DecryptionFailure(f"Can't decrypt {what}: the stored ciphertext is truncated.")

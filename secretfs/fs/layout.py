@@ -126,8 +126,8 @@ class Layout:
 
     @staticmethod
     def _label_named(secret: Secret, name: str) -> str | None:
-        if name in secret.labels:  # the common case: names need no encoding
-            return name if file_name(name) == name else None
+        if name in secret.labels and file_name(name) == name:
+            return name  # the common case: the name needs no encoding
         for label in secret.labels:
             if file_name(label) == name:
                 return label

@@ -269,8 +269,11 @@ class SqliteStore:
         self.path = Path(path)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        with self._connection() as db:
-            version = self._schema_version(db)
+        try:
+            with self._connection() as db:
+                version = self._schema_version(db)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path} is not a secretfs store: {error}") from None
         if version is None:
             raise StoreError(f"{self.path} has no secretfs schema (run 'secretfs init')")
         if version > SCHEMA_VERSION:

@@ -1,0 +1,148 @@
+"""Fixtures for tests that run the real daemon on a real FUSE mount.
+
+The daemon runs in its own process (pyfuse3 keeps one session per process),
+started through the real `secretfs` command; the mount is always undone in
+teardown, even when the test failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SECRETFS = [sys.executable, "-m", "secretfs.cli"]
+
+
+def _cli(state_dir: Path, *args: str, input: bytes | None = None,
+         check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SECRETFS_STATE_DIR=str(state_dir))
+    result = subprocess.run([*SECRETFS, *args], input=input, capture_output=True, env=env,
+                            timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"secretfs {' '.join(args[:1])} failed ({result.returncode}): "
+            f"{result.stderr.decode(errors='replace')}")
+    return result
+
+
+@dataclass
+class Daemon:
+    """A running secretfs daemon: its state dir, its mountpoint, and a CLI bound to it."""
+
+    state_dir: Path
+    mountpoint: Path
+    started: bool = False
+    extra_args: list[str] = field(default_factory=list)
+
+    def cli(self, *args: str, input: bytes | None = None, check: bool = True):
+        return _cli(self.state_dir, *args, input=input, check=check)
+
+    def call(self, *args: str, input: bytes | None = None) -> dict:
+        """A client verb whose JSON output is returned parsed."""
+        return json.loads(self.cli(*args, input=input).stdout or b"{}")
+
+    def start(self) -> None:
+        self.cli("mount", str(self.mountpoint), "--state-dir", str(self.state_dir),
+                 *self.extra_args)
+        assert os.path.ismount(self.mountpoint)
+        self.started = True
+
+    def stop(self) -> None:
+        if os.path.ismount(self.mountpoint) or _is_stale(self.mountpoint):
+            self.cli("umount", str(self.mountpoint), check=False)
+        force_unmount(self.mountpoint)
+        self.started = False
+
+    def pid(self) -> int:
+        out = subprocess.run(["pgrep", "-f", f"secretfs.daemon --mountpoint {self.mountpoint}"],
+                             capture_output=True, text=True).stdout.split()
+        assert out, "daemon process not found"
+        return int(out[0])
+
+    def path(self, *parts: str) -> Path:
+        return self.mountpoint.joinpath(*parts)
+
+
+def _is_stale(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError:
+        return True
+    return False
+
+
+def force_unmount(mountpoint: Path) -> None:
+    if os.path.ismount(mountpoint) or _is_stale(mountpoint):
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
+    subprocess.run(["pkill", "-KILL", "-f", f"secretfs.daemon --mountpoint {mountpoint}"],
+                   capture_output=True)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    _cli(state, "init", "--state-dir", str(state))
+    return state
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, state_dir: Path):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.fail("mount tests need root and /dev/fuse (run through the README's test command)")
+    mountpoint = tmp_path / "secrets"
+    mountpoint.mkdir()
+    # Other uids must reach the mountpoint through tmp_path.
+    for parent in (tmp_path, *tmp_path.parents):
+        if parent == Path("/"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o055)
+    running = Daemon(state_dir=state_dir, mountpoint=mountpoint)
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def make_user():
+    """Create throw-away Unix users (and groups); removed after the test."""
+    created: list[str] = []
+    groups: list[str] = []
+
+    def make(*, groups_: tuple[str, ...] = ()) -> pwd.struct_passwd:
+        name = f"sfs{uuid.uuid4().hex[:8]}"
+        for group in groups_:
+            if subprocess.run(["getent", "group", group], capture_output=True).returncode:
+                subprocess.run(["groupadd", group], check=True)
+                groups.append(group)
+        args = ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        if groups_:
+            args += ["-G", ",".join(groups_)]
+        subprocess.run([*args, name], check=True)
+        created.append(name)
+        return pwd.getpwnam(name)
+
+    yield make
+    for name in created:
+        subprocess.run(["userdel", name], capture_output=True)
+    for group in groups:
+        subprocess.run(["groupdel", group], capture_output=True)
+
+
+def run_as(user: pwd.struct_passwd, *command: str) -> subprocess.CompletedProcess:
+    """Run a command as another uid (setpriv drops to the user's uid, gid and groups)."""
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed"
+    return subprocess.run(
+        [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--",
+         *command], capture_output=True, timeout=30)
