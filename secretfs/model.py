@@ -16,7 +16,7 @@ from datetime import datetime
 # --- AWS limits (botocore's service model and the Secrets Manager quotas) ---
 NAME_MAX = 512
 DESCRIPTION_MAX = 2048
-VALUE_MAX = 65536  # bytes for SecretBinary, characters for SecretString
+VALUE_MAX = 65536  # bytes: of SecretBinary, and of SecretString encoded as UTF-8
 TOKEN_MIN, TOKEN_MAX = 32, 64
 LABEL_MAX = 256
 LABELS_PER_VERSION = 20
@@ -204,11 +204,12 @@ def name_segments(name: str) -> list[str]:
 def validate_name(name: object) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidParameterException("You must provide a secret name.")
+    # AWS answers a malformed name with ValidationException.
     if len(name) > NAME_MAX:
-        raise InvalidParameterException(
+        raise ValidationException(
             f"Invalid name. The secret name can be at most {NAME_MAX} characters long.")
     if not _NAME_RE.match(name):
-        raise InvalidParameterException(
+        raise ValidationException(
             "Invalid name. Must be a valid name containing alphanumeric characters, "
             "or any of the following: -/_+=.@!")
     segments = name_segments(name)

@@ -73,8 +73,9 @@ class Daemon:
 
 
 def _is_stale(path: Path) -> bool:
+    # statfs always reaches the daemon; stat may come from the kernel's cache.
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError:
         return True
     return False

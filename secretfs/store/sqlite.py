@@ -340,17 +340,22 @@ class SqliteStore:
             try:
                 yield Writer(db)
             except sqlite3.Error as error:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise StoreError(f"the store can't complete the write: {error}") from None
             except BaseException:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise
             try:
                 db.execute("COMMIT")
             except sqlite3.Error as error:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
+                self._rollback(db)
                 raise StoreError(f"the store can't commit: {error}") from None
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        # After a disk-full or I/O error SQLite may already have rolled back.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
