@@ -66,6 +66,14 @@ class Catalog:
                 self._sorted_children[path] = cached
         return cached
 
+    def live_below(self, path: str) -> list[tuple[str, int]]:
+        """(path, id) of every live secret strictly below a directory: O(secrets)."""
+        prefix = f"{path}/" if path else ""
+        with self._lock:
+            items = list(self._live_by_path.items())
+        return [(found, secret_id) for found, secret_id in items if found.startswith(prefix)
+                and found != path]
+
     def has_child(self, path: str, segment: str) -> bool:
         return segment in self._tree.get(path, ())
 

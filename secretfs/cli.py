@@ -1,13 +1,16 @@
 """The `secretfs` command: argument parsing, request building and output formatting.
 
 Owns the verbs `init`, `mount`, `umount`, `version`, the key verbs `create-key` and
-`list-keys`, and the client verbs named like `aws secretsmanager`, whose flags are
-derived from botocore's service model so they match the AWS CLI flag for flag.
-Client verbs only talk to the daemon through `secretfs.api.client`; nothing here
-touches the store or the keys.
+`list-keys`, the client verbs named like `aws secretsmanager`, whose flags are
+derived from botocore's service model so they match the AWS CLI flag for flag, and
+`audit verify|tail|search`. Client verbs only talk to the daemon through
+`secretfs.api.client`; the audit verbs read the audit log's files directly (through
+`secretfs.audit`), so they work with the daemon stopped. Nothing here touches the
+store or the keys.
 
 Exit codes follow the AWS CLI: 0 success, 252 bad usage, 254 a service error; 1 for
-local failures (no daemon, a daemon or mount error, an unreadable file://).
+local failures (no daemon, a daemon or mount error, an unreadable file://, an audit
+log that fails verification).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ AWS_ACTIONS = (
     "TagResource",
     "UntagResource",
     "GetRandomPassword",
+    "PutResourcePolicy",
+    "GetResourcePolicy",
+    "DeleteResourcePolicy",
+    "ValidateResourcePolicy",
 )
 
 EXIT_OK = 0
@@ -109,6 +116,28 @@ EXTENSION_VERBS = {
          ("Description", False, "A description of the key.")),
     ),
     "list-keys": _ExtensionVerb("ListKeys", "List the encryption keys."),
+    "put-identity-policy": _ExtensionVerb(
+        "PutIdentityPolicy",
+        "Attach (or replace) a named identity policy on a Unix principal.",
+        (("Principal", True, "uid:N, user:NAME, gid:N, group:NAME, unit:GLOB, cgroup:GLOB "
+                             "or exe:GLOB."),
+         ("PolicyName", True, "The policy's name, unique per principal."),
+         ("PolicyDocument", True, "The IAM JSON document (file://path reads a file).")),
+    ),
+    "get-identity-policy": _ExtensionVerb(
+        "GetIdentityPolicy", "Show one identity policy of a principal.",
+        (("Principal", True, "The principal the policy is attached to."),
+         ("PolicyName", True, "The policy's name.")),
+    ),
+    "delete-identity-policy": _ExtensionVerb(
+        "DeleteIdentityPolicy", "Detach and delete an identity policy.",
+        (("Principal", True, "The principal the policy is attached to."),
+         ("PolicyName", True, "The policy's name.")),
+    ),
+    "list-identity-policies": _ExtensionVerb(
+        "ListIdentityPolicies", "List identity policies, of one principal or of all.",
+        (("Principal", False, "Only this principal's policies."),),
+    ),
 }
 
 
@@ -261,6 +290,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--foreground", action="store_true",
                      help="Stay in the foreground instead of detaching.")
     sub.add_argument("--debug", action="store_true", help="Log FUSE requests.")
+    sub.add_argument("--strict-names", action="store_true",
+                     help="Hide names from callers who may not see them, even on exact "
+                          "lookups (directories are then never cached by the kernel).")
     sub.set_defaults(run=_run_mount)
 
     sub = verbs.add_parser("umount", help="Unmount the secrets filesystem and stop the daemon.",
@@ -272,7 +304,62 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
     sub = verbs.add_parser("version", help="Print the secretfs version.", allow_abbrev=False)
     sub.set_defaults(run=_run_version)
+
+    _add_audit_verbs(verbs)
     return parser
+
+
+def _add_audit_verbs(verbs) -> None:
+    audit = verbs.add_parser(
+        "audit", allow_abbrev=False,
+        help="Verify and read the audit log (reads its files; no daemon needed).",
+        description="Verify and read the audit log in the state directory's audit/.")
+    actions = audit.add_subparsers(dest="audit_verb", metavar="ACTION", required=True)
+
+    sub = actions.add_parser(
+        "verify", allow_abbrev=False,
+        help="Check the hash chain: exit 0 if intact, else 1 naming the first bad record.")
+    _add_state_dir(sub)
+    sub.set_defaults(run=_run_audit_verify)
+
+    sub = actions.add_parser("tail", allow_abbrev=False,
+                             help="Print the last records as JSON lines.")
+    sub.add_argument("-n", type=_count, default=20, metavar="N",
+                     help="How many records (default: 20).")
+    sub.add_argument("--follow", action="store_true",
+                     help="Then print records as they are written, until interrupted.")
+    _add_state_dir(sub)
+    sub.set_defaults(run=_run_audit_tail)
+
+    sub = actions.add_parser("search", allow_abbrev=False,
+                             help="Print the matching records as JSON lines, oldest first.")
+    sub.add_argument("--secret", metavar="NAME|ARN", help="Records about this secret.")
+    sub.add_argument("--uid", type=int, metavar="N", help="Records of this caller's uid.")
+    sub.add_argument("--denied-only", action="store_true", help="Only denied requests.")
+    sub.add_argument("--since", type=_iso_time, metavar="ISO",
+                     help="From this time on (ISO 8601; without an offset, UTC).")
+    sub.add_argument("--until", type=_iso_time, metavar="ISO",
+                     help="Before this time (ISO 8601; without an offset, UTC).")
+    _add_state_dir(sub)
+    sub.set_defaults(run=_run_audit_search)
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count (0 or more), got {text!r}")
+    return value
+
+
+def _iso_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {text!r}") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -628,7 +715,8 @@ def _run_mount(args: argparse.Namespace) -> int:
 
     try:
         daemon.mount(args.mountpoint, resolve_state_dir(args.state_dir),
-                     foreground=args.foreground, debug=args.debug)
+                     foreground=args.foreground, debug=args.debug,
+                     strict_names=args.strict_names)
     except daemon.DaemonError as exc:
         raise CommandError(str(exc)) from None
     return EXIT_OK
@@ -651,6 +739,48 @@ def _run_version(args: argparse.Namespace) -> int:
         print(f"secretfs {version('secretfs')}")
     except PackageNotFoundError:
         print("secretfs (not installed)")
+    return EXIT_OK
+
+
+def _audit_dir(args: argparse.Namespace) -> Path:
+    return StateDir(resolve_state_dir(args.state_dir)).audit_dir
+
+
+def _print_records(records) -> None:
+    for record in records:
+        # Flushed per line: `tail --follow` feeds pipes that wait for each record.
+        print(json.dumps(record, sort_keys=True, separators=(",", ":")), flush=True)
+
+
+def _run_audit_verify(args: argparse.Namespace) -> int:
+    from secretfs import audit
+
+    result = audit.verify(_audit_dir(args))
+    if not result.ok:
+        raise CommandError(f"audit log FAILED: {result.problem}")
+    anchor = f" ({result.anchor})" if result.anchor else ""
+    print(f"audit log OK: {result.records} records in {len(result.files)} files{anchor}")
+    return EXIT_OK
+
+
+def _run_audit_tail(args: argparse.Namespace) -> int:
+    from secretfs import audit
+
+    directory = _audit_dir(args)
+    records = audit.last_records(directory, args.n)
+    _print_records(records)
+    if args.follow:
+        after = records[-1].get("seq") if records else None
+        _print_records(audit.follow_records(directory, after=after))
+    return EXIT_OK
+
+
+def _run_audit_search(args: argparse.Namespace) -> int:
+    from secretfs import audit
+
+    _print_records(audit.read_records(
+        _audit_dir(args), secret=args.secret, uid=args.uid, denied_only=args.denied_only,
+        since=args.since, until=args.until))
     return EXIT_OK
 
 

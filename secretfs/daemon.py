@@ -77,8 +77,9 @@ def init_state(state_dir: Path, *, region: str, account_id: str) -> dict:
             "DefaultKey": keys.key_arn(keys.resolve(None))}
 
 
-def open_service(state: StateDir):
+def open_service(state: StateDir, *, audit=None):
     from secretfs.crypto import LocalKeyProvider
+    from secretfs.policy import Authorizer
     from secretfs.service import SecretsManagerService
     from secretfs.store.sqlite import SqliteStore
 
@@ -86,7 +87,8 @@ def open_service(state: StateDir):
     region, account_id = config["Region"], config["AccountId"]
     keys = LocalKeyProvider.load(state.keys, region=region, account_id=account_id)
     store = SqliteStore(state.database)
-    return SecretsManagerService(store, keys, region=region, account_id=account_id)
+    return SecretsManagerService(store, keys, region=region, account_id=account_id,
+                                 authorizer=Authorizer(audit=audit))
 
 
 # --- process hygiene -------------------------------------------------------------------
@@ -176,10 +178,11 @@ def _registry_file(mountpoint: Path) -> Path:
 # --- serving ---------------------------------------------------------------------------
 
 async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
-                debug: bool = False) -> None:
+                debug: bool = False, strict_names: bool = False) -> None:
     import pyfuse3
 
     from secretfs.api.server import serve_unix
+    from secretfs.audit import AuditError, AuditLog
     from secretfs.fs.ops import SecretsOperations
 
     mountpoint = mountpoint.resolve()
@@ -188,9 +191,13 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
     os.chdir("/")
     lock = _lock_state(state)
     try:
-        service = open_service(state)
+        try:
+            audit = AuditLog(state.audit_dir)
+        except AuditError as error:
+            raise DaemonError(str(error)) from None
+        service = open_service(state, audit=audit)
         _prepare_mountpoint(mountpoint)
-        operations = SecretsOperations(service)
+        operations = SecretsOperations(service, strict_names=strict_names)
         # Computed before the mount exists: touching the mountpoint between
         # init() and main() would wait forever for a reply nobody sends.
         registry = _registry_file(mountpoint)
@@ -209,6 +216,7 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                     nursery.cancel_scope.cancel()  # unmounted from outside
 
                 nursery.start_soon(run_fuse)
+                await nursery.start(audit.run)
                 limiter = trio.CapacityLimiter(8)
                 await nursery.start(functools.partial(
                     serve_unix, service, state.socket, limiter=limiter))
@@ -229,6 +237,10 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                 state.socket.unlink()
             await trio.to_thread.run_sync(service.flush_accesses)
             pyfuse3.close(unmount=True)
+            try:
+                audit.close()
+            except (AuditError, OSError):
+                log.exception("the last audit records could not be written")
             log.info("unmounted %s", mountpoint)
     finally:
         lock.close()
@@ -273,6 +285,7 @@ def _configure_logging(debug: bool) -> None:
 
 
 def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
+                   strict_names: bool = False,
                    ready_fd: int | None = None) -> None:
     """Serve until unmounted; report readiness on `ready_fd` and to systemd."""
     _configure_logging(debug)
@@ -285,7 +298,8 @@ def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
             os.close(ready_fd)
 
     try:
-        trio.run(functools.partial(serve, mountpoint, state, ready=ready, debug=debug))
+        trio.run(functools.partial(serve, mountpoint, state, ready=ready, debug=debug,
+                                   strict_names=strict_names))
     except Exception as error:
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
@@ -297,13 +311,14 @@ def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
         raise
 
 
-def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = False) -> None:
+def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = False,
+          strict_names: bool = False) -> None:
     state = StateDir(Path(state_dir))
     if not state.exists():
         raise DaemonError(f"{state.root} is not a secretfs state directory (run 'secretfs init')")
     mountpoint = Path(mountpoint)
     if foreground:
-        run_foreground(mountpoint, state, debug=debug)
+        run_foreground(mountpoint, state, debug=debug, strict_names=strict_names)
         return
     read_end, write_end = os.pipe()
     with open(state.log, "ab") as log_file:
@@ -311,7 +326,8 @@ def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = 
         child = subprocess.Popen(
             [sys.executable, "-m", "secretfs.daemon", "--mountpoint", str(mountpoint),
              "--state-dir", str(state.root), "--ready-fd", str(write_end),
-             *(["--debug"] if debug else [])],
+             *(["--debug"] if debug else []),
+             *(["--strict-names"] if strict_names else [])],
             pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             start_new_session=True)
     os.close(write_end)
@@ -354,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--strict-names", action="store_true")
     args = parser.parse_args(argv)
     try:
         run_foreground(args.mountpoint, StateDir(args.state_dir), debug=args.debug,
+                       strict_names=args.strict_names,
                        ready_fd=args.ready_fd)
     except DaemonError as error:
         log.error("%s", error)

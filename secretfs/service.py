@@ -23,11 +23,11 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from secretfs import model
+from secretfs import model, policy
 from secretfs.catalog import Catalog
 from secretfs.crypto import KeyProvider
 from secretfs.crypto.envelope import Sealed, seal, unseal
-from secretfs.identity import Caller
+from secretfs.identity import SYSTEM, Caller
 from secretfs.model import (
     AWSCURRENT,
     AWSPREVIOUS,
@@ -42,7 +42,7 @@ from secretfs.model import (
     ValidationException,
 )
 from secretfs.passwords import random_password
-from secretfs.policy import RootOnly
+from secretfs.policy import Authorizer
 from secretfs.store import SealedValue, StoreError
 
 MARKED_FOR_DELETION = (
@@ -63,9 +63,19 @@ class SecretsManagerService:
         "CreateSecret", "PutSecretValue", "GetSecretValue", "BatchGetSecretValue",
         "UpdateSecret", "UpdateSecretVersionStage", "DescribeSecret", "ListSecrets",
         "ListSecretVersionIds", "DeleteSecret", "RestoreSecret", "TagResource",
-        "UntagResource", "GetRandomPassword",
+        "UntagResource", "GetRandomPassword", "PutResourcePolicy", "GetResourcePolicy",
+        "DeleteResourcePolicy", "ValidateResourcePolicy",
     })
-    EXTENSION_ACTIONS = frozenset({"CreateKey", "ListKeys"})
+    # Actions that change state: each success is one more audit record.
+    MUTATIONS = frozenset({
+        "CreateSecret", "PutSecretValue", "UpdateSecret", "UpdateSecretVersionStage",
+        "DeleteSecret", "RestoreSecret", "TagResource", "UntagResource", "PutResourcePolicy",
+        "DeleteResourcePolicy", "CreateKey", "PutIdentityPolicy", "DeleteIdentityPolicy",
+    })
+    EXTENSION_ACTIONS = frozenset({
+        "CreateKey", "ListKeys", "PutIdentityPolicy", "GetIdentityPolicy",
+        "DeleteIdentityPolicy", "ListIdentityPolicies",
+    })
 
     def __init__(self, store, keys: KeyProvider, *, region: str, account_id: str,
                  authorizer=None, clock: Callable[[], datetime] = _utcnow):
@@ -73,12 +83,15 @@ class SecretsManagerService:
         self.keys = keys
         self.region = region
         self.account_id = account_id
-        self.authorizer = authorizer or RootOnly()
+        self.authorizer = authorizer or Authorizer(clock=clock)
         self.now = clock
         self.catalog = Catalog(store)
         # Serializes mutations so commits and catalog refreshes happen in one order.
         self._mutation_lock = threading.RLock()
         self._pending_access: dict[tuple[int, str], datetime] = {}
+        self._policy_listeners: list[Callable[[], None]] = []
+        self.policy_generation = 0
+        self._load_policies()
 
     # --- dispatch ---------------------------------------------------------------
 
@@ -91,12 +104,16 @@ class SecretsManagerService:
         except TypeError as error:
             raise ValidationException(f"Invalid parameters for {action}: {error}") from None
         try:
-            return method(*bound.args, **bound.kwargs)
+            result = method(*bound.args, **bound.kwargs)
         except StoreError as error:
             raise ServiceUnavailable(f"The store can't complete the request: {error}") from None
+        if action in self.MUTATIONS:
+            self.authorizer.record_mutation(caller, action, params, result)
+        return result
 
-    def _authorize(self, caller: Caller, action: str, secret: Secret | None = None) -> None:
-        self.authorizer.authorize(caller, action, secret.arn if secret else None)
+    def _authorize(self, caller: Caller, action: str, secret: Secret | None = None,
+                   **request) -> None:
+        self.authorizer.check(caller, action, secret, **request)
 
     # --- resolving SecretId ---------------------------------------------------
 
@@ -588,6 +605,8 @@ class SecretsManagerService:
                     writer.delete_secret(secret_id)
                 self.catalog.refresh(secret_id)
                 purged += 1
+                self.authorizer.record_mutation(SYSTEM, "PurgeSecret", {}, {
+                    "ARN": fresh.arn, "Name": fresh.name})
         return purged
 
     def next_deletion(self) -> datetime | None:
@@ -599,8 +618,17 @@ class SecretsManagerService:
 
     def get_secret_value(self, caller: Caller, SecretId, VersionId=None, VersionStage=None):
         secret = self._secret(SecretId)
-        self._authorize(caller, "GetSecretValue", secret)
+        self._authorize(caller, "GetSecretValue", secret, version_id=VersionId,
+                        stages=(VersionStage,) if VersionStage else self._stages_asked(
+                            secret, VersionId))
         return self._secret_value(secret, VersionId, VersionStage)
+
+    @staticmethod
+    def _stages_asked(secret: Secret, version_id: str | None) -> tuple[str, ...]:
+        """secretsmanager:VersionStage of a read: AWSCURRENT unless a version is named."""
+        if version_id is None:
+            return (AWSCURRENT,)
+        return tuple(secret.stages_of(version_id))
 
     def _secret_value(self, secret: Secret, version_id, stage) -> dict:
         self._require_live(secret)
@@ -666,11 +694,12 @@ class SecretsManagerService:
             if not isinstance(limit, int) or not 1 <= limit <= model.BATCH_MAX_IDS:
                 raise InvalidParameterException(
                     f"MaxResults must be between 1 and {model.BATCH_MAX_IDS}.")
-            page, next_token = self._page(Filters, limit, NextToken, False, "created-date", "asc")
+            page, next_token = self._page(Filters, limit, NextToken, False, "created-date", "asc",
+                                          caller)
             secrets_ = [(secret.name, secret) for secret in page]
         for secret_id, secret in secrets_:
             try:
-                self._authorize(caller, "GetSecretValue", secret)
+                self._authorize(caller, "GetSecretValue", secret, stages=(AWSCURRENT,))
                 values.append(self._secret_value(secret, None, None))
             except model.SecretsManagerError as error:
                 errors.append(self._batch_error(secret_id, error))
@@ -760,7 +789,7 @@ class SecretsManagerService:
         if SortOrder not in (None, "asc", "desc"):
             raise InvalidParameterException(f"Invalid SortOrder value {SortOrder!r}.")
         page, next_token = self._page(Filters, limit, NextToken, bool(IncludePlannedDeletion),
-                                      sort_by, SortOrder or "asc")
+                                      sort_by, SortOrder or "asc", caller)
         entries = []
         for secret in page:
             entry = self._metadata(secret)
@@ -780,8 +809,14 @@ class SecretsManagerService:
         return value
 
     def _page(self, filters, limit: int, token: str | None, include_deleted: bool,
-              sort_by: str, order: str) -> tuple[list[Secret], str | None]:
-        match = self._filter(filters)
+              sort_by: str, order: str, caller: Caller) -> tuple[list[Secret], str | None]:
+        """A page of secrets matching the filters that the caller may see: names are
+        listed only to whoever may describe or read the secret."""
+        wanted = self._filter(filters)
+
+        def match(secret: Secret) -> bool:
+            return wanted(secret) and self.may_see(caller, secret)
+
         after = None
         if token:
             cursor = self._decode_token(token, f"secrets:{sort_by}:{order}")
@@ -892,6 +927,134 @@ class SecretsManagerService:
                  if name not in ("self", "caller") and value is not None}
         return {"RandomPassword": random_password(**given)}
 
+    # --- access policies -----------------------------------------------------------
+
+    def subscribe_policies(self, listener: Callable[[], None]) -> None:
+        """Hear every policy change (after it is in force)."""
+        self._policy_listeners.append(listener)
+
+    def _load_policies(self) -> None:
+        """Parse every stored policy into a new PolicySet and swap it in at once."""
+        with self.store.read() as reader:
+            identity = {key: policy.parse_policy(document, resource_policy=False)
+                        for key, document in reader.identity_policies().items()}
+            resource = {secret_id: policy.parse_policy(document, resource_policy=True)
+                        for secret_id, document in reader.resource_policies().items()}
+        self.authorizer.policies = policy.PolicySet(identity, resource)
+        self.policy_generation += 1
+        for listener in self._policy_listeners:
+            listener()
+
+    def put_resource_policy(self, caller: Caller, SecretId, ResourcePolicy,
+                            BlockPublicPolicy=None, PolicyName=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "PutResourcePolicy", secret)
+        parsed = policy.parse_policy(ResourcePolicy, resource_policy=True)
+        # Safer than AWS's default: a policy that lets everyone read is refused
+        # unless the caller says BlockPublicPolicy=false.
+        if BlockPublicPolicy is not False and policy.grants_public_read(parsed):
+            raise policy.PublicPolicyException(
+                "The resource policy grants everyone (Principal \"*\") read access to the "
+                "secret; pass BlockPublicPolicy=false to allow it.")
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            writer.set_resource_policy(fresh.secret_id, parsed.text)
+            writer.update_secret(fresh.secret_id, changed=self.now())
+
+        with self._mutation_lock:
+            self._mutate(secret.secret_id, change)
+            self._load_policies()
+        return {"ARN": secret.arn, "Name": secret.name}
+
+    def get_resource_policy(self, caller: Caller, SecretId, PolicyName=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "GetResourcePolicy", secret)
+        with self.store.read() as reader:
+            document = reader.resource_policy(secret.secret_id)
+        response = {"ARN": secret.arn, "Name": secret.name}
+        if document is not None:
+            response["ResourcePolicy"] = document
+        return response
+
+    def delete_resource_policy(self, caller: Caller, SecretId, PolicyName=None):
+        secret = self._secret(SecretId)
+        self._authorize(caller, "DeleteResourcePolicy", secret)
+
+        def change(writer, fresh: Secret):
+            writer.set_resource_policy(fresh.secret_id, None)
+            writer.update_secret(fresh.secret_id, changed=self.now())
+
+        with self._mutation_lock:
+            self._mutate(secret.secret_id, change)
+            self._load_policies()
+        return {"ARN": secret.arn, "Name": secret.name}
+
+    def validate_resource_policy(self, caller: Caller, ResourcePolicy, SecretId=None):
+        secret = self._secret(SecretId) if SecretId is not None else None
+        self._authorize(caller, "ValidateResourcePolicy", secret)
+        errors = policy.validate_policy(ResourcePolicy, resource_policy=True)
+        return {"PolicyValidationPassed": not errors,
+                "ValidationErrors": [{"CheckName": error.location,
+                                      "ErrorMessage": error.message} for error in errors]}
+
+    def put_identity_policy(self, caller: Caller, Principal, PolicyName, PolicyDocument):
+        self._authorize(caller, "secretfs:PutIdentityPolicy")
+        self._check_identity_policy_name(Principal, PolicyName)
+        parsed = policy.parse_policy(PolicyDocument, resource_policy=False)
+        with self._mutation_lock:
+            with self.store.write() as writer:
+                writer.put_identity_policy(Principal, PolicyName, parsed.text, self.now())
+            self._load_policies()
+        return {"Principal": Principal, "PolicyName": PolicyName}
+
+    def get_identity_policy(self, caller: Caller, Principal, PolicyName):
+        self._authorize(caller, "secretfs:GetIdentityPolicy")
+        self._check_identity_policy_name(Principal, PolicyName)
+        with self.store.read() as reader:
+            document = reader.identity_policies().get((Principal, PolicyName))
+        if document is None:
+            raise ResourceNotFoundException(
+                f"No identity policy {PolicyName!r} is attached to {Principal}.")
+        return {"Principal": Principal, "PolicyName": PolicyName, "PolicyDocument": document}
+
+    def delete_identity_policy(self, caller: Caller, Principal, PolicyName):
+        self._authorize(caller, "secretfs:DeleteIdentityPolicy")
+        self._check_identity_policy_name(Principal, PolicyName)
+        with self._mutation_lock:
+            with self.store.write() as writer:
+                if not writer.delete_identity_policy(Principal, PolicyName):
+                    raise ResourceNotFoundException(
+                        f"No identity policy {PolicyName!r} is attached to {Principal}.")
+            self._load_policies()
+        return {"Principal": Principal, "PolicyName": PolicyName}
+
+    def list_identity_policies(self, caller: Caller, Principal=None):
+        self._authorize(caller, "secretfs:ListIdentityPolicies")
+        if Principal is not None:
+            self._check_principal(Principal)
+        with self.store.read() as reader:
+            found = reader.identity_policies()
+        return {"Policies": [{"Principal": principal, "PolicyName": name}
+                             for principal, name in found
+                             if Principal is None or principal == Principal]}
+
+    @staticmethod
+    def _check_principal(principal) -> None:
+        try:
+            kind, _ = policy.parse_principal(principal)
+        except ValueError as error:
+            raise InvalidParameterException(str(error)) from None
+        if kind == "*":
+            raise InvalidParameterException(
+                "An identity policy is attached to one principal, not '*'.")
+
+    def _check_identity_policy_name(self, principal, name) -> None:
+        self._check_principal(principal)
+        if not isinstance(name, str) or not re.fullmatch(r"[\w+=,.@-]{1,128}", name):
+            raise InvalidParameterException(
+                "PolicyName must be 1 to 128 characters of letters, digits and _+=,.@-")
+
     # --- secretfs's own actions -------------------------------------------------
 
     def create_key(self, caller: Caller, Alias=None, Description=None):
@@ -905,11 +1068,31 @@ class SecretsManagerService:
     # --- for the filesystem -------------------------------------------------------
 
     def authorize_read(self, caller: Caller, secret: Secret, version_id: str) -> None:
-        """The open() of a version's file is a GetSecretValue of that version."""
-        self._authorize(caller, "GetSecretValue", secret)
+        """The open() of a version's file is a GetSecretValue of that version; its
+        stages are the secretsmanager:VersionStage values."""
+        self._authorize(caller, "GetSecretValue", secret, version_id=version_id,
+                        stages=tuple(secret.stages_of(version_id)))
+
+    def authorize_listing(self, caller: Caller, secret: Secret) -> None:
+        """Opening a secret's directory: allowed to whoever may describe or read it."""
+        if not self.authorizer.allows(caller, "DescribeSecret", secret):
+            self._authorize(caller, "GetSecretValue", secret, stages=(AWSCURRENT,),
+                            event="OpenDirectory")
+        elif self.authorizer.audit is not None:
+            self._authorize(caller, "DescribeSecret", secret, event="OpenDirectory")
+
+    def may_see(self, caller: Caller, secret: Secret) -> bool:
+        """Whether a secret's name belongs in this caller's listings (not audited)."""
+        return caller.is_root or self.authorizer.allows(caller, "DescribeSecret", secret) or \
+            self.authorizer.allows(caller, "GetSecretValue", secret, stages=(AWSCURRENT,))
+
+    def may_be_shared(self, secret: Secret) -> bool:
+        """Whether a policy may let someone other than root read this secret."""
+        return self.authorizer.policies.may_grant_read(secret)
 
     def may_read(self, caller: Caller, secret: Secret, version_id: str) -> bool:
-        return self.authorizer.allows(caller, "GetSecretValue", secret.arn)
+        return self.authorizer.allows(caller, "GetSecretValue", secret, version_id=version_id,
+                                      stages=tuple(secret.stages_of(version_id)))
 
     def read_version(self, secret: Secret, version_id: str) -> bytes:
         """The plaintext of one version; DecryptionFailure if its row was tampered with."""

@@ -48,6 +48,11 @@ class StateDir:
     def log(self) -> Path:
         return self.root / "daemon.log"
 
+    @property
+    def audit_dir(self) -> Path:
+        """The audit log's files (see secretfs.audit)."""
+        return self.root / "audit"
+
     def exists(self) -> bool:
         return self.config.exists()
 

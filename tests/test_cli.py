@@ -98,7 +98,7 @@ def daemon(monkeypatch) -> types.ModuleType:
             raise FileExistsError(state_dir)
         return {"StateDir": str(state_dir), "Region": region, "AccountId": account_id}
 
-    def mount(mountpoint, state_dir, *, foreground, debug=False):
+    def mount(mountpoint, state_dir, *, foreground, debug=False, strict_names=False):
         module.calls.append(("mount", mountpoint, state_dir, foreground, debug))
         if mountpoint.name == "busy":
             raise FakeDaemonError(f"{mountpoint} is already mounted\n(see daemon.log)")
@@ -187,7 +187,9 @@ def test_aws_verb_translates_to_action_and_params(argv, action, params):
 def test_exposed_verbs_are_exactly_the_listed_actions():
     verbs = set(verb_parser(None).choices)
     assert verbs == {cli.xform_name(action, "-") for action in cli.AWS_ACTIONS} | {
-        "init", "mount", "umount", "create-key", "list-keys", "version"}
+        "init", "mount", "umount", "create-key", "list-keys", "version", "audit",
+        "put-identity-policy", "get-identity-policy", "delete-identity-policy",
+        "list-identity-policies"}
 
 
 @pytest.mark.parametrize("action", cli.AWS_ACTIONS)

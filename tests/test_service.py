@@ -1171,7 +1171,23 @@ def _every_action(v1: str, v2: str) -> list[tuple[str, dict]]:
         ("GetRandomPassword", {}),
         ("CreateKey", {"Alias": "alias/x"}),
         ("ListKeys", {}),
+        ("PutResourcePolicy", {"SecretId": "s", "ResourcePolicy": _POLICY}),
+        ("GetResourcePolicy", {"SecretId": "s"}),
+        ("DeleteResourcePolicy", {"SecretId": "s"}),
+        ("ValidateResourcePolicy", {"ResourcePolicy": _POLICY}),
+        ("PutIdentityPolicy", {"Principal": "uid:1000", "PolicyName": "p",
+                               "PolicyDocument": _IDENTITY_POLICY}),
+        ("GetIdentityPolicy", {"Principal": "uid:1000", "PolicyName": "p"}),
+        ("DeleteIdentityPolicy", {"Principal": "uid:1000", "PolicyName": "p"}),
+        ("ListIdentityPolicies", {}),
     ]
+
+
+_POLICY = ('{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", '
+           '"Principal": {"Unix": ["uid:1000"]}, "Action": "secretsmanager:DescribeSecret", '
+           '"Resource": "*"}]}')
+_IDENTITY_POLICY = ('{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", '
+                    '"Action": "secretsmanager:DescribeSecret", "Resource": "*"}]}')
 
 
 def test_every_action_is_covered_by_the_denial_test(svc):
@@ -1179,7 +1195,7 @@ def test_every_action_is_covered_by_the_denial_test(svc):
     assert covered == svc.AWS_ACTIONS | svc.EXTENSION_ACTIONS
 
 
-@pytest.mark.parametrize("index", range(16))
+@pytest.mark.parametrize("index", range(24))
 def test_non_root_caller_is_denied_every_action(env, call, svc, user, index):
     v1 = call("CreateSecret", Name="s", SecretString="one",
               Tags=[{"Key": "team", "Value": "db"}])["VersionId"]

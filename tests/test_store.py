@@ -13,6 +13,7 @@ import pytest
 
 from secretfs.model import DecryptionFailure, SecretsManagerError, ServiceUnavailable
 from secretfs.store import StoreError
+from secretfs.store import sqlite as sqlite_store
 from secretfs.store.sqlite import SCHEMA_VERSION, SqliteStore, Writer
 
 pytest_plugins = ["_service_fixtures"]
@@ -84,8 +85,28 @@ def test_schema_version_is_recorded(env):
             "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         tables = {name for (name,) in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert int(version) == SCHEMA_VERSION == 1
-    assert {"meta", "secrets", "tags", "versions", "labels"} <= tables
+    assert int(version) == SCHEMA_VERSION == 2
+    assert {"meta", "secrets", "tags", "versions", "labels", "identity_policies"} <= tables
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    """A store written by the first schema opens, keeps its rows, and gains policies."""
+    path = tmp_path / "v1.db"
+    connection = sqlite3.connect(path)
+    connection.executescript(sqlite_store._SCHEMA)
+    connection.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    connection.execute(
+        "INSERT INTO secrets (name, path, arn, created, changed) VALUES ('a', 'a', 'arn:x', 0, 0)")
+    connection.commit()
+    connection.close()
+    store = sqlite_store.SqliteStore(path)
+    with store.read() as reader:
+        assert [row.name for row in reader.rows()] == ["a"]
+        assert reader.identity_policies() == {}
+        assert reader.resource_policies() == {}
+    with closing(sqlite3.connect(path)) as check:
+        assert check.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
 
 
 def test_wal_mode_and_owner_only_files(env, call):

@@ -65,10 +65,13 @@ class SecretsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, service):
+    def __init__(self, service, *, strict_names: bool = False):
         super().__init__()
         self.service = service
         self.layout = Layout(service)
+        # strict-names: directories are never cached by the kernel, so every walk
+        # asks the daemon, which answers each caller with what it may see.
+        self.strict_names = strict_names
         self._inode_of: dict[L.Node, int] = {L.ROOT: pyfuse3.ROOT_INODE}
         self._node_of: dict[int, L.Node] = {pyfuse3.ROOT_INODE: L.ROOT}
         self._inode_counter = itertools.count(pyfuse3.ROOT_INODE + 1)
@@ -79,6 +82,7 @@ class SecretsOperations(pyfuse3.Operations):
         # Set once the kernel is attached: invalidations before that have nothing to do.
         self.mounted = False
         service.catalog.subscribe(self._invalidate)
+        service.subscribe_policies(self._policies_changed)
 
     # --- inodes ------------------------------------------------------------------
 
@@ -102,6 +106,11 @@ class SecretsOperations(pyfuse3.Operations):
         entry.st_ino = self._inode(node)
         entry.generation = 0
         entry.st_mode = attrs.mode
+        if node[0] in (L.VERSION, L.KEY) and self.service.may_be_shared(
+                self.layout.secret(node[1])):
+            # Group and other may read here because some policy may let a
+            # non-root caller read it; each open() still decides for its caller.
+            entry.st_mode |= 0o044
         entry.st_nlink = 2 if attrs.mode & 0o040000 else 1
         entry.st_uid = 0
         entry.st_gid = 0
@@ -111,6 +120,8 @@ class SecretsOperations(pyfuse3.Operations):
         stamp = int(attrs.mtime.timestamp() * 1e9) if attrs.mtime else self._mount_time_ns
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
         timeout = IMMUTABLE_TIMEOUT if attrs.immutable else ENTRY_TIMEOUT
+        if self.strict_names and node[0] == L.DIR:
+            timeout = 0.0
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
         return entry
@@ -124,7 +135,20 @@ class SecretsOperations(pyfuse3.Operations):
     @_fuse_handler
     async def lookup(self, parent_inode, name, ctx=None):
         node = self.layout.lookup(self._node(parent_inode), os.fsdecode(name))
+        if self.strict_names and node[0] == L.DIR and ctx is not None and ctx.uid != 0 \
+                and not self._visible(self._caller(ctx), node[1]):
+            raise NotFound  # hidden names don't exist, for this caller
         return self._entry(node)
+
+    def _visible(self, caller: Caller, path: str) -> bool:
+        """Whether a directory holds (or is) a secret this caller may see."""
+        secret = self.layout.secret_at(path)
+        if secret is not None and self.service.may_see(caller, secret):
+            return True
+        catalog = self.service.catalog
+        return any(self.service.may_see(caller, catalog.get(secret_id))
+                   for _, secret_id in catalog.live_below(path)
+                   if catalog.get(secret_id) is not None)
 
     @_fuse_handler
     async def getattr(self, inode, ctx=None):
@@ -147,11 +171,23 @@ class SecretsOperations(pyfuse3.Operations):
     @_fuse_handler
     async def opendir(self, inode, ctx):
         node = self._node(inode)
+        caller = self._caller(ctx)
         if node[0] == L.VERSION_KEYS:
             # A JSON value's key names are content: listing them is a read.
             secret, version_id = self.layout.version_of(node)
-            self.service.authorize_read(self._caller(ctx), secret, version_id)
+            self.service.authorize_read(caller, secret, version_id)
+        elif node[0] != L.DIR:
+            self.service.authorize_listing(caller, self.layout.secret(node[1]))
+        else:
+            secret = self.layout.secret_at(node[1])
+            # A secret's directory is an access decision (audited); a directory seen
+            # only because of visible secrets below it is not one about this secret.
+            if secret is not None and (caller.is_root or self.service.may_see(caller, secret)
+                                       or not self._visible(caller, node[1])):
+                self.service.authorize_listing(caller, secret)
         entries = self.layout.children(node)
+        if node[0] == L.DIR and not caller.is_root:
+            entries = self._visible_entries(caller, node[1], entries)
         handle = next(self._handle_counter)
         self._dirs[handle] = entries
         return handle
@@ -167,6 +203,25 @@ class SecretsOperations(pyfuse3.Operations):
                 continue  # vanished since opendir
             if not pyfuse3.readdir_reply(token, os.fsencode(name), entry, index + 1):
                 break
+
+    def _visible_entries(self, caller: Caller, path: str,
+                         entries: list[tuple[str, L.Node]]) -> list[tuple[str, L.Node]]:
+        """A directory's entries filtered to what this caller may describe or read."""
+        catalog = self.service.catalog
+        secret = self.layout.secret_at(path)
+        own_visible = secret is not None and self.service.may_see(caller, secret)
+        visible_children = set()
+        prefix_length = len(path) + 1 if path else 0
+        for below, secret_id in catalog.live_below(path):
+            segment = below[prefix_length:].split("/", 1)[0]
+            if segment in visible_children:
+                continue
+            found = catalog.get(secret_id)
+            if found is not None and self.service.may_see(caller, found):
+                visible_children.add(segment)
+        return [(name, node) for name, node in entries
+                if (node[0] == L.DIR and name in visible_children)
+                or (node[0] != L.DIR and own_visible)]
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
@@ -225,6 +280,15 @@ class SecretsOperations(pyfuse3.Operations):
         return stats
 
     # --- pushing changes to the kernel ------------------------------------------------
+
+    def _policies_changed(self) -> None:
+        """Mode bits follow the policies: forget the attributes of every file shown."""
+        if not self.mounted:
+            return
+        for node, inode in list(self._inode_of.items()):
+            if node[0] in (L.VERSION, L.KEY):
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(inode, attr_only=True)
 
     def _invalidate(self, old: Secret | None, new: Secret | None) -> None:
         """Called after each commit, in the committing thread (never the FUSE loop)."""

@@ -34,7 +34,7 @@ from pathlib import Path
 from secretfs.model import Secret, Version
 from secretfs.store import SealedValue, SecretRow, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,6 +81,22 @@ CREATE INDEX secrets_by_created ON secrets(created, id);
 CREATE INDEX secrets_by_deleted ON secrets(deleted) WHERE deleted IS NOT NULL;
 """
 
+# Each entry upgrades the schema from the version before it; a new store is
+# created at version 1 and walks the same path, so every migration is exercised.
+_MIGRATIONS = {
+    # Access policies: a resource policy per secret, identity policies per principal.
+    2: """
+ALTER TABLE secrets ADD COLUMN policy TEXT;
+CREATE TABLE identity_policies (
+    principal TEXT NOT NULL,
+    name TEXT NOT NULL,
+    document TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (principal, name)
+);
+""",
+}
+
 # GCM adds a 12-byte nonce and a 16-byte tag to the plaintext.
 _SEAL_OVERHEAD = 28
 
@@ -91,6 +107,13 @@ def _ts(value: float | None) -> datetime | None:
 
 def _epoch(value: datetime | None) -> float | None:
     return None if value is None else value.timestamp()
+
+
+def _execute_script(db: sqlite3.Connection, script: str) -> None:
+    # executescript() would commit the open transaction; run statements one by one.
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 class Reader:
@@ -184,6 +207,17 @@ class Reader:
             f"SELECT {column}, id FROM secrets {where} ORDER BY {column} {order}, id {order}"
             " LIMIT ?", (*args, limit))]
 
+    def resource_policies(self) -> dict[int, str]:
+        return dict(self.db.execute("SELECT id, policy FROM secrets WHERE policy IS NOT NULL"))
+
+    def resource_policy(self, secret_id: int) -> str | None:
+        found = self.db.execute("SELECT policy FROM secrets WHERE id = ?", (secret_id,)).fetchone()
+        return found[0] if found else None
+
+    def identity_policies(self) -> dict[tuple[str, str], str]:
+        return {(principal, name): document for principal, name, document in self.db.execute(
+            "SELECT principal, name, document FROM identity_policies ORDER BY principal, name")}
+
     def expired(self, now: float) -> list[int]:
         return [row[0] for row in self.db.execute(
             "SELECT id FROM secrets WHERE deleted IS NOT NULL AND deleted <= ?", (now,))]
@@ -258,6 +292,21 @@ class Writer(Reader):
         self.db.execute(
             "DELETE FROM labels WHERE secret_id = ? AND label = ?", (secret_id, label))
 
+    def set_resource_policy(self, secret_id: int, document: str | None) -> None:
+        self.db.execute("UPDATE secrets SET policy = ? WHERE id = ?", (document, secret_id))
+
+    def put_identity_policy(self, principal: str, name: str, document: str,
+                            created: datetime) -> None:
+        self.db.execute(
+            "INSERT INTO identity_policies (principal, name, document, created)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (principal, name) DO UPDATE SET"
+            " document = excluded.document", (principal, name, document, _epoch(created)))
+
+    def delete_identity_policy(self, principal: str, name: str) -> bool:
+        return self.db.execute(
+            "DELETE FROM identity_policies WHERE principal = ? AND name = ?",
+            (principal, name)).rowcount > 0
+
     def delete_secret(self, secret_id: int) -> None:
         self.db.execute("DELETE FROM secrets WHERE id = ?", (secret_id,))
 
@@ -280,6 +329,22 @@ class SqliteStore:
             raise StoreError(
                 f"{self.path} has schema version {version}; this secretfs knows up to "
                 f"{SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:
+            self._migrate(version)
+
+    def _migrate(self, version: int) -> None:
+        with self._write_lock, self._connection() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for target in range(version + 1, SCHEMA_VERSION + 1):
+                    _execute_script(db, _MIGRATIONS[target])
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                           (str(SCHEMA_VERSION),))
+                db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._rollback(db)
+                raise StoreError(f"can't upgrade {self.path} from schema {version}: {error}") \
+                    from None
 
     @classmethod
     def create(cls, path: Path) -> SqliteStore:
@@ -291,11 +356,8 @@ class SqliteStore:
             path.chmod(0o600)
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                       (str(SCHEMA_VERSION),))
+            _execute_script(db, _SCHEMA)
+            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
             db.execute("COMMIT")
         finally:
             db.close()
