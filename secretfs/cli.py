@@ -680,11 +680,11 @@ def _call(client, request: Request) -> dict:
 
 
 def _run_client_verb(request: Request) -> int:
-    from secretfs.api.client import Client, DaemonNotRunning
+    from secretfs.api.client import Client, ClientConnectionError
 
     try:
         response = _call(Client(StateDir(request.state_dir).socket), request)
-    except DaemonNotRunning as exc:
+    except ClientConnectionError as exc:  # no daemon, no permission, a dropped connection
         raise CommandError(str(exc)) from None
     except SecretsManagerError as exc:
         print(f"An error occurred ({exc.code}) when calling the {request.action} operation: "

@@ -162,12 +162,20 @@ def _fusermount(mountpoint: Path, *, lazy: bool) -> None:
 
 
 def _running(pid: int) -> bool:
-    """Whether a process exists and is not a zombie waiting for its parent."""
+    """Whether any thread of a process is still alive: the main thread may already be a
+    zombie while the others are still exiting (and holding /dev/fuse)."""
     try:
-        status = Path(f"/proc/{pid}/stat").read_text()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
-    return status.rpartition(")")[2].split()[0] != "Z"
+    for task in tasks:
+        try:
+            status = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+        except OSError:
+            continue
+        if status.rpartition(")")[2].split()[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _registry_file(mountpoint: Path) -> Path:
@@ -346,7 +354,8 @@ def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = 
 
 def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = 10.0) -> None:
     """Unmount and wait for the daemon serving it to exit."""
-    mountpoint = Path(mountpoint)
+    # The daemon registered the resolved path (non-strict: a stale mount resolves too).
+    mountpoint = Path(os.path.realpath(mountpoint))
     registry = _registry_file(mountpoint)
     pid = None
     with contextlib.suppress(OSError, ValueError, KeyError):
