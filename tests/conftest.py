@@ -13,6 +13,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,22 +97,22 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, state_dir: Path):
+def daemon(state_dir: Path):
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.fail("mount tests need root and /dev/fuse (run through the README's test command)")
-    mountpoint = tmp_path / "secrets"
+    # Other uids must reach the mountpoint: it lives outside pytest's tmp_path,
+    # whose root each new pytest session resets to 0700.
+    holder = Path(tempfile.mkdtemp(prefix="secretfs-mnt-"))
+    holder.chmod(0o711)
+    mountpoint = holder / "secrets"
     mountpoint.mkdir()
-    # Other uids must reach the mountpoint through tmp_path.
-    for parent in (tmp_path, *tmp_path.parents):
-        if parent == Path("/"):
-            break
-        parent.chmod(parent.stat().st_mode | 0o055)
     running = Daemon(state_dir=state_dir, mountpoint=mountpoint)
     running.start()
     try:
         yield running
     finally:
         running.stop()
+        shutil.rmtree(holder, ignore_errors=True)
 
 
 @pytest.fixture

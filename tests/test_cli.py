@@ -44,7 +44,11 @@ def verb_parser(verb: str | None):
 
 # --- fakes --------------------------------------------------------------------------
 
-class FakeDaemonNotRunning(Exception):
+class FakeClientConnectionError(Exception):
+    pass
+
+
+class FakeDaemonNotRunning(FakeClientConnectionError):
     pass
 
 
@@ -82,6 +86,7 @@ def client(monkeypatch) -> Recorder:
     module = types.ModuleType("secretfs.api.client")
     module.Client = Client
     module.DaemonNotRunning = FakeDaemonNotRunning
+    module.ClientConnectionError = FakeClientConnectionError
     monkeypatch.setitem(sys.modules, "secretfs.api.client", module)
     return recorder
 
