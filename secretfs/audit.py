@@ -61,6 +61,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from secretfs.files import fsync_directory
+
 log = logging.getLogger("secretfs.audit")
 
 LOG_NAME = "audit.log"
@@ -184,13 +186,6 @@ def _parse(line: bytes) -> dict | None:
         return None
     return record if isinstance(record, dict) else None
 
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the writer --------------------------------------------------------------------
@@ -392,7 +387,7 @@ class AuditLog:
         finally:
             os.close(fd)
         if created:
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
     def _rotate(self) -> None:
         """audit.log → audit.log.1 → ... → audit.log.<keep-1>, dropping the oldest."""
@@ -402,7 +397,7 @@ class AuditLog:
                 path.unlink()
             else:
                 os.rename(path, self.directory / f"{LOG_NAME}.{index + 1}")
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def _update_head(self) -> None:
         try:

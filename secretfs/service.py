@@ -957,9 +957,13 @@ class SecretsManagerService:
                 "The resource policy grants everyone (Principal \"*\") read access to the "
                 "secret; pass BlockPublicPolicy=false to allow it.")
 
+        return self._set_resource_policy(secret, parsed.text)
+
+    def _set_resource_policy(self, secret: Secret, document: str | None) -> dict:
         def change(writer, fresh: Secret):
-            self._require_live(fresh)
-            writer.set_resource_policy(fresh.secret_id, parsed.text)
+            if document is not None:
+                self._require_live(fresh)
+            writer.set_resource_policy(fresh.secret_id, document)
             writer.update_secret(fresh.secret_id, changed=self.now())
 
         with self._mutation_lock:
@@ -980,15 +984,7 @@ class SecretsManagerService:
     def delete_resource_policy(self, caller: Caller, SecretId, PolicyName=None):
         secret = self._secret(SecretId)
         self._authorize(caller, "DeleteResourcePolicy", secret)
-
-        def change(writer, fresh: Secret):
-            writer.set_resource_policy(fresh.secret_id, None)
-            writer.update_secret(fresh.secret_id, changed=self.now())
-
-        with self._mutation_lock:
-            self._mutate(secret.secret_id, change)
-            self._load_policies()
-        return {"ARN": secret.arn, "Name": secret.name}
+        return self._set_resource_policy(secret, None)
 
     def validate_resource_policy(self, caller: Caller, ResourcePolicy, SecretId=None):
         secret = self._secret(SecretId) if SecretId is not None else None

@@ -30,6 +30,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secretfs.crypto.envelope import encode_fields
+from secretfs.files import fsync_directory
 from secretfs.model import (
     DecryptionFailure,
     EncryptionFailure,
@@ -165,7 +166,7 @@ class LocalKeyProvider:
         provider = cls(path, [default], region=region, account_id=account_id)
         # Written in place rather than renamed over: O_EXCL is what refuses an existing file.
         _write_new_file(path, provider._serialize())
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
         return provider
 
     @classmethod
@@ -310,7 +311,7 @@ class LocalKeyProvider:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self._path.parent)
+        fsync_directory(self._path.parent)
 
 
 def _wrap_aad(key_id: str, context: dict[str, str]) -> bytes:
@@ -367,11 +368,3 @@ def _write_new_file(path: Path, data: bytes) -> None:
         raise
     os.close(fd)
 
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the new directory entry (create or rename) itself durable.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
