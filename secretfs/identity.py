@@ -144,11 +144,17 @@ class Identity:
 
 
 def _start_time(pid: int) -> int | None:
+    # On every open of the hot path: raw os calls cost half of open().read().
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        stat = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # The command name may hold spaces and parentheses: fields start after the last ')'.
     return int(stat.rpartition(b")")[2].split()[19])
 

@@ -72,6 +72,8 @@ class SecretsOperations(pyfuse3.Operations):
         # strict-names: directories are never cached by the kernel, so every walk
         # asks the daemon, which answers each caller with what it may see.
         self.strict_names = strict_names
+        # (policy generation, secret id) -> may_be_shared
+        self._shared_cache: dict[tuple[int, int], bool] = {}
         self._inode_of: dict[L.Node, int] = {L.ROOT: pyfuse3.ROOT_INODE}
         self._node_of: dict[int, L.Node] = {pyfuse3.ROOT_INODE: L.ROOT}
         self._inode_counter = itertools.count(pyfuse3.ROOT_INODE + 1)
@@ -106,8 +108,7 @@ class SecretsOperations(pyfuse3.Operations):
         entry.st_ino = self._inode(node)
         entry.generation = 0
         entry.st_mode = attrs.mode
-        if node[0] in (L.VERSION, L.KEY) and self.service.may_be_shared(
-                self.layout.secret(node[1])):
+        if node[0] in (L.VERSION, L.KEY) and self._shared(node[1]):
             # Group and other may read here because some policy may let a
             # non-root caller read it; each open() still decides for its caller.
             entry.st_mode |= 0o044
@@ -125,6 +126,14 @@ class SecretsOperations(pyfuse3.Operations):
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
         return entry
+
+    def _shared(self, secret_id: int) -> bool:
+        key = (self.service.policy_generation, secret_id)
+        shared = self._shared_cache.get(key)
+        if shared is None:
+            shared = self.service.may_be_shared(self.layout.secret(secret_id))
+            self._shared_cache[key] = shared
+        return shared
 
     @staticmethod
     def _caller(ctx) -> Caller:
@@ -283,6 +292,7 @@ class SecretsOperations(pyfuse3.Operations):
 
     def _policies_changed(self) -> None:
         """Mode bits follow the policies: forget the attributes of every file shown."""
+        self._shared_cache = {}
         if not self.mounted:
             return
         for node, inode in list(self._inode_of.items()):
