@@ -3,8 +3,10 @@
 The FUSE request context and the Unix socket's SO_PEERCRED give uid, gid and
 pid. Everything else a policy may ask about — user and group names, the
 supplementary groups, the executable, the cgroup and the systemd unit — is
-read from /proc lazily, only when a loaded policy mentions it, and cached per
-(pid, process start time) so a recycled pid never inherits an identity.
+read from /proc lazily, only when a loaded policy (or the audit record) asks for
+it, and afresh for every request: a process may exec another program or move to
+another cgroup without changing its pid, and a recycled pid must never inherit
+an identity.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import contextlib
 import grp
 import os
 import pwd
-import threading
-from collections import OrderedDict
+import time
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -58,6 +59,7 @@ class Identity:
     """A caller with the attributes policies ask for, each resolved on first use."""
 
     caller: Caller
+    names: _Names | None = None
 
     @property
     def uid(self) -> int:
@@ -77,6 +79,8 @@ class Identity:
 
     @cached_property
     def user(self) -> str | None:
+        if self.names is not None:
+            return self.names.user(self.uid)
         try:
             return pwd.getpwuid(self.uid).pw_name
         except KeyError:
@@ -101,8 +105,15 @@ class Identity:
     def groups(self) -> frozenset[str]:
         names = set()
         for gid in self.gids:
-            with contextlib.suppress(KeyError):
-                names.add(grp.getgrgid(gid).gr_name)
+            if self.names is not None:
+                name = self.names.group(gid)
+            else:
+                try:
+                    name = grp.getgrgid(gid).gr_name
+                except KeyError:
+                    name = None
+            if name is not None:
+                names.add(name)
         return frozenset(names)
 
     @cached_property
@@ -143,42 +154,49 @@ class Identity:
                 "exe": self.exe, "unit": self.unit}
 
 
-def _start_time(pid: int) -> int | None:
-    # On every open of the hot path: raw os calls cost half of open().read().
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        stat = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    return int(stat.rpartition(b")")[2].split()[19])
+class _Names:
+    """uid -> user and gid -> group names, remembered for a few seconds: the passwd and
+    group databases are read through NSS, and an account may be deleted and its id
+    given to another name, so nothing is remembered for long."""
+
+    TTL = 5.0
+
+    def __init__(self):
+        self._users: dict[int, tuple[float, str | None]] = {}
+        self._groups: dict[int, tuple[float, str | None]] = {}
+
+    def user(self, uid: int) -> str | None:
+        return self._lookup(self._users, uid, lambda: pwd.getpwuid(uid).pw_name)
+
+    def group(self, gid: int) -> str | None:
+        return self._lookup(self._groups, gid, lambda: grp.getgrgid(gid).gr_name)
+
+    def _lookup(self, table: dict, key: int, resolve) -> str | None:
+        now = time.monotonic()
+        found = table.get(key)
+        if found is not None and now - found[0] < self.TTL:
+            return found[1]
+        try:
+            name = resolve()
+        except KeyError:
+            name = None
+        if len(table) > 4096:
+            table.clear()
+        table[key] = (now, name)
+        return name
 
 
 class IdentityCache:
-    """Identities per (pid, start time, uid, gid): a recycled pid is a new process."""
+    """Makes the Identity of each request.
 
-    def __init__(self, size: int = 4096):
-        self._size = size
-        self._entries: OrderedDict[tuple, Identity] = OrderedDict()
-        self._lock = threading.Lock()
+    Nothing about a process is kept between requests: a process may exec another
+    program, move to another cgroup or change its groups while keeping its pid, and
+    a pid may be recycled. Each decision reads what its policies ask for from /proc
+    afresh; only user and group names are remembered, briefly.
+    """
+
+    def __init__(self):
+        self.names = _Names()
 
     def identify(self, caller: Caller) -> Identity:
-        if caller.pid <= 0:
-            return Identity(caller)
-        key = (caller.pid, _start_time(caller.pid), caller.uid, caller.gid, caller.source,
-               caller.access_key, caller.address)
-        with self._lock:
-            found = self._entries.get(key)
-            if found is not None:
-                self._entries.move_to_end(key)
-                return found
-            found = Identity(caller)
-            self._entries[key] = found
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-            return found
+        return Identity(caller, self.names)

@@ -658,14 +658,21 @@ class Authorizer:
         return self.policies.decide(who, request), who
 
     def check(self, caller, action: str, secret=None, *, stages: tuple[str, ...] = (),
-              version_id: str | None = None, event: str | None = None) -> Decision:
-        """Decide, audit the decision, and raise AccessDeniedException on deny."""
+              version_id: str | None = None, event: str | None = None,
+              probe: bool = False) -> Decision:
+        """Decide, audit the decision, and raise AccessDeniedException on deny.
+
+        A probe (access(2), as `test -r` asks) is audited as one, and never raises."""
         decision, who = self.decide(caller, action, secret, stages=stages,
                                     version_id=version_id)
         if self.audit is not None:
-            self.audit.record(decision_event(
-                who, event or action, secret, decision, version_id=version_id, stages=stages))
-        deny(decision, who, action, secret.arn if secret is not None else None)
+            record = decision_event(who, event or action, secret, decision,
+                                    version_id=version_id, stages=stages)
+            if probe:
+                record["probe"] = "access"
+            self.audit.record(record)
+        if not probe:
+            deny(decision, who, action, secret.arn if secret is not None else None)
         return decision
 
     def record_mutation(self, caller, action: str, params: dict, result: dict) -> None:

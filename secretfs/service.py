@@ -1086,9 +1086,19 @@ class SecretsManagerService:
         """Whether a policy may let someone other than root read this secret."""
         return self.authorizer.policies.may_grant_read(secret)
 
-    def may_read(self, caller: Caller, secret: Secret, version_id: str) -> bool:
-        return self.authorizer.allows(caller, "GetSecretValue", secret, version_id=version_id,
-                                      stages=tuple(secret.stages_of(version_id)))
+    def probe_read(self, caller: Caller, secret: Secret, version_id: str) -> bool:
+        """access(2) R_OK on a version: the decision open() would make, audited as a probe."""
+        return self.authorizer.check(
+            caller, "GetSecretValue", secret, version_id=version_id,
+            stages=tuple(secret.stages_of(version_id)), probe=True).allowed
+
+    def probe_listing(self, caller: Caller, secret: Secret) -> bool:
+        """access(2) R_OK on a secret's directory: the decision opendir() would make."""
+        if self.authorizer.allows(caller, "DescribeSecret", secret):
+            return self.authorizer.check(caller, "DescribeSecret", secret,
+                                         event="OpenDirectory", probe=True).allowed
+        return self.authorizer.check(caller, "GetSecretValue", secret, stages=(AWSCURRENT,),
+                                     event="OpenDirectory", probe=True).allowed
 
     def read_version(self, secret: Secret, version_id: str) -> bytes:
         """The plaintext of one version; DecryptionFailure if its row was tampered with."""

@@ -264,19 +264,26 @@ class SecretsOperations(pyfuse3.Operations):
 
     @_fuse_handler
     async def access(self, inode, mode, ctx):
+        """Answers as open() and opendir() would, so `test -r` tells the truth."""
         node = self._node(inode)
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if node[0] in (L.VERSION, L.KEY):
-            if mode & os.X_OK:
-                return False
-            if mode & os.R_OK:
-                secret, version_id = self.layout.version_of(node)
-                return self.service.may_read(self._caller(ctx), secret, version_id)
-        if node[0] == L.VERSION_KEYS and mode & os.R_OK:
-            secret, version_id = self.layout.version_of(node)
-            return self.service.may_read(self._caller(ctx), secret, version_id)
         self.layout.attributes(node)  # ENOENT if it no longer exists
+        kind, caller = node[0], self._caller(ctx)
+        if kind in (L.VERSION, L.KEY) and mode & os.X_OK:
+            return False
+        if not mode & os.R_OK:
+            return True
+        if kind in (L.VERSION, L.KEY, L.VERSION_KEYS):
+            secret, version_id = self.layout.version_of(node)
+            return self.service.probe_read(caller, secret, version_id)
+        if kind in (L.VERSIONS, L.KEYS, L.BY_VERSION):
+            return self.service.probe_listing(caller, self.layout.secret(node[1]))
+        if kind == L.DIR:
+            secret = self.layout.secret_at(node[1])
+            if secret is not None and (caller.is_root or self.service.may_see(caller, secret)
+                                       or not self._visible(caller, node[1])):
+                return self.service.probe_listing(caller, secret)
         return True
 
     async def statfs(self, ctx):
