@@ -563,8 +563,10 @@ def test_access_reaches_the_daemon_test_r_is_false_for_a_user_true_for_root(
     # The key directory's mode lets everyone read (0555): only the daemon's access
     # handler can have said no.
     assert stat_format(directory / "keys" / "AWSCURRENT", "%a", "-L") == "555"
-    # Directories are traversable and listable for everyone.
-    assert as_user(user, "test", "-r", directory).returncode == 0
+    # A secret's directory is traversable by everyone, but readable (listable) only
+    # by whoever may describe or read the secret: test -r says what ls would meet.
+    assert as_user(user, "test", "-r", directory).returncode == 1
+    assert tool("test", "-r", directory).returncode == 0
     assert as_user(user, "test", "-x", directory).returncode == 0
 
 
@@ -909,7 +911,7 @@ def test_umount_by_the_mount_path_waits_for_the_daemon_to_exit(daemon, tmp_path,
     if route == "direct":
         path = daemon.mountpoint
     elif route == "symlinked-parent":
-        (tmp_path / "alias").symlink_to(tmp_path)
+        (tmp_path / "alias").symlink_to(daemon.mountpoint.parent)
         path = tmp_path / "alias" / daemon.mountpoint.name
     else:
         path = tmp_path / "link"
