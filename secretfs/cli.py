@@ -53,6 +53,8 @@ AWS_ACTIONS = (
     "GetResourcePolicy",
     "DeleteResourcePolicy",
     "ValidateResourcePolicy",
+    "RotateSecret",
+    "CancelRotateSecret",
 )
 
 EXIT_OK = 0

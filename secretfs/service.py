@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import inspect
 import json
+import random
 import re
 import secrets
 import string
@@ -30,6 +31,7 @@ from secretfs.crypto.envelope import Sealed, seal, unseal
 from secretfs.identity import SYSTEM, Caller
 from secretfs.model import (
     AWSCURRENT,
+    AWSPENDING,
     AWSPREVIOUS,
     InvalidNextTokenException,
     InvalidParameterException,
@@ -43,6 +45,7 @@ from secretfs.model import (
 )
 from secretfs.passwords import random_password
 from secretfs.policy import Authorizer
+from secretfs.rotation import rotators, schedule
 from secretfs.store import SealedValue, StoreError
 
 MARKED_FOR_DELETION = (
@@ -64,13 +67,14 @@ class SecretsManagerService:
         "UpdateSecret", "UpdateSecretVersionStage", "DescribeSecret", "ListSecrets",
         "ListSecretVersionIds", "DeleteSecret", "RestoreSecret", "TagResource",
         "UntagResource", "GetRandomPassword", "PutResourcePolicy", "GetResourcePolicy",
-        "DeleteResourcePolicy", "ValidateResourcePolicy",
+        "DeleteResourcePolicy", "ValidateResourcePolicy", "RotateSecret", "CancelRotateSecret",
     })
     # Actions that change state: each success is one more audit record.
     MUTATIONS = frozenset({
         "CreateSecret", "PutSecretValue", "UpdateSecret", "UpdateSecretVersionStage",
         "DeleteSecret", "RestoreSecret", "TagResource", "UntagResource", "PutResourcePolicy",
         "DeleteResourcePolicy", "CreateKey", "PutIdentityPolicy", "DeleteIdentityPolicy",
+        "RotateSecret", "CancelRotateSecret",
     })
     EXTENSION_ACTIONS = frozenset({
         "CreateKey", "ListKeys", "PutIdentityPolicy", "GetIdentityPolicy",
@@ -78,13 +82,16 @@ class SecretsManagerService:
     })
 
     def __init__(self, store, keys: KeyProvider, *, region: str, account_id: str,
-                 authorizer=None, clock: Callable[[], datetime] = _utcnow):
+                 authorizer=None, clock: Callable[[], datetime] = _utcnow,
+                 rng: random.Random | None = None):
         self.store = store
         self.keys = keys
         self.region = region
         self.account_id = account_id
         self.authorizer = authorizer or Authorizer(clock=clock)
         self.now = clock
+        # Where inside a rotation window the next rotation starts.
+        self._rng = rng or random.SystemRandom()
         self.catalog = Catalog(store)
         # Serializes mutations so commits and catalog refreshes happen in one order.
         self._mutation_lock = threading.RLock()
@@ -250,6 +257,10 @@ class SecretsManagerService:
             if label == AWSCURRENT and previous is not None and AWSPREVIOUS not in stages:
                 writer.set_label(secret.secret_id, AWSPREVIOUS, previous)
                 labels[AWSPREVIOUS] = previous
+        rotating = ((secret.rotation or {}).get("Pending") or {}).get("Token")
+        if AWSCURRENT in stages and rotating == version_id:
+            # A rotation's finishSecret: only then does AWSPENDING go away by itself.
+            self._finish_rotation(writer, secret, version_id)
 
     @staticmethod
     def _check_labels(after: Secret) -> None:
@@ -384,6 +395,14 @@ class SecretsManagerService:
                 return arn
 
     @staticmethod
+    def _named(secret: Secret, version_id: str | None = None) -> dict:
+        """The ARN and Name most responses carry, and the VersionId when there is one."""
+        response = {"ARN": secret.arn, "Name": secret.name}
+        if version_id:
+            response["VersionId"] = version_id
+        return response
+
+    @staticmethod
     def _check_description(description) -> None:
         if description is not None and (
                 not isinstance(description, str) or len(description) > model.DESCRIPTION_MAX):
@@ -456,10 +475,7 @@ class SecretsManagerService:
             return version_id
 
         version_id, after = self._mutate(secret.secret_id, change)
-        response = {"ARN": after.arn, "Name": after.name}
-        if version_id:
-            response["VersionId"] = version_id
-        return response
+        return self._named(after, version_id)
 
     def update_secret_version_stage(self, caller: Caller, SecretId, VersionStage,
                                     RemoveFromVersionId=None, MoveToVersionId=None):
@@ -926,6 +942,106 @@ class SecretsManagerService:
         given = {name: value for name, value in locals().items()
                  if name not in ("self", "caller") and value is not None}
         return {"RandomPassword": random_password(**given)}
+
+    # --- rotation ---------------------------------------------------------------------
+
+    def rotate_secret(self, caller: Caller, SecretId, ClientRequestToken=None,
+                      RotationLambdaARN=None, RotationRules=None, RotateImmediately=None,
+                      ExternalSecretRotationMetadata=None, ExternalSecretRotationRoleArn=None):
+        """Configure rotation and (by default) start one: the new version, whose id is
+        the token, is created empty under AWSPENDING for the rotator to fill."""
+        secret = self._secret(SecretId)
+        self._authorize(caller, "RotateSecret", secret)
+        if ExternalSecretRotationMetadata or ExternalSecretRotationRoleArn:
+            raise InvalidParameterException("secretfs doesn't rotate managed external secrets.")
+        if RotationLambdaARN:
+            rotators.check_rotator(RotationLambdaARN)
+        rules = schedule.RotationRules.from_api(RotationRules) if RotationRules else None
+        token = model.validate_token(ClientRequestToken) if ClientRequestToken else None
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            config = dict(fresh.rotation or {})
+            rotator = RotationLambdaARN or config.get("RotationLambdaARN")
+            if not rotator:
+                raise InvalidRequestException(
+                    "No rotation function (RotationLambdaARN) is associated with this secret.")
+            config["RotationLambdaARN"] = rotator
+            if rules is not None:
+                config["RotationRules"] = rules.to_api()
+            config["Enabled"] = True
+            version_id = None
+            if RotateImmediately is not False:
+                version_id = self._start_rotation(writer, fresh, config, token)
+            else:
+                config["NextRotationDate"] = self._next_rotation(config)
+            writer.update_secret(fresh.secret_id, rotation=config, changed=self.now())
+            return version_id
+
+        version_id, after = self._mutate(secret.secret_id, change)
+        return self._named(after, version_id)
+
+    def _start_rotation(self, writer, secret: Secret, config: dict, token: str | None) -> str:
+        pending = secret.labels.get(AWSPENDING)
+        current = secret.labels.get(AWSCURRENT)
+        if pending is not None and pending != current:
+            if token is not None and pending == token:
+                return token  # the same request again
+            raise InvalidRequestException(
+                "A previous rotation isn't complete. That rotation will be reattempted.")
+        if current is None:
+            raise InvalidRequestException(
+                "The secret has no AWSCURRENT version to rotate from.")
+        version_id = token or model.new_token()
+        if version_id in secret.versions:
+            raise ResourceExistsException(
+                f"A version with the ClientRequestToken {version_id} already exists.")
+        writer.insert_version(secret.secret_id, version_id, created=self.now(), sealed=None,
+                              is_binary=secret.versions[current].is_binary)
+        writer.set_label(secret.secret_id, AWSPENDING, version_id)
+        config["Pending"] = {"Token": version_id, "Step": None, "Error": None,
+                             "Started": self.now().timestamp(), "Attempts": 0}
+        return version_id
+
+    def _next_rotation(self, config: dict, last_rotated: float | None = None) -> float | None:
+        rules = config.get("RotationRules")
+        if not config.get("Enabled") or not rules:
+            return None
+        parsed = schedule.RotationRules.from_api(rules)
+        last = config.get("LastRotatedDate") if last_rotated is None else last_rotated
+        when = parsed.next_rotation(
+            self.now(), last_rotated=None if last is None else datetime.fromtimestamp(last, UTC),
+            rng=self._rng)
+        return when.timestamp()
+
+    def cancel_rotate_secret(self, caller: Caller, SecretId):
+        """Turn rotation off; a rotation in progress stops where it is (AWSPENDING stays,
+        as in AWS, until a new rotation or a label move removes it)."""
+        secret = self._secret(SecretId)
+        self._authorize(caller, "CancelRotateSecret", secret)
+
+        def change(writer, fresh: Secret):
+            self._require_live(fresh)
+            config = dict(fresh.rotation or {})
+            if not config.get("Enabled") and not config.get("Pending"):
+                raise InvalidRequestException("Rotation is not enabled for this secret.")
+            pending = (config.get("Pending") or {}).get("Token")
+            config.update(Enabled=False, NextRotationDate=None, Pending=None)
+            writer.update_secret(fresh.secret_id, rotation=config, changed=self.now())
+            return pending
+
+        pending, after = self._mutate(secret.secret_id, change)
+        return self._named(after, pending)
+
+    def _finish_rotation(self, writer, secret: Secret, version_id: str) -> None:
+        """AWSCURRENT reached the version the running rotation created: it is done."""
+        if secret.labels.get(AWSPENDING) == version_id:
+            writer.remove_label(secret.secret_id, AWSPENDING)
+        config = dict(secret.rotation or {})
+        now = self.now().timestamp()
+        config.update(LastRotatedDate=now, Pending=None)
+        config["NextRotationDate"] = self._next_rotation(config, last_rotated=now)
+        writer.update_secret(secret.secret_id, rotation=config)
 
     # --- access policies -----------------------------------------------------------
 

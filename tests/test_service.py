@@ -1180,6 +1180,8 @@ def _every_action(v1: str, v2: str) -> list[tuple[str, dict]]:
         ("GetIdentityPolicy", {"Principal": "uid:1000", "PolicyName": "p"}),
         ("DeleteIdentityPolicy", {"Principal": "uid:1000", "PolicyName": "p"}),
         ("ListIdentityPolicies", {}),
+        ("RotateSecret", {"SecretId": "s", "RotationLambdaARN": "secretfs:random-password"}),
+        ("CancelRotateSecret", {"SecretId": "s"}),
     ]
 
 
@@ -1195,7 +1197,7 @@ def test_every_action_is_covered_by_the_denial_test(svc):
     assert covered == svc.AWS_ACTIONS | svc.EXTENSION_ACTIONS
 
 
-@pytest.mark.parametrize("index", range(24))
+@pytest.mark.parametrize("index", range(26))
 def test_non_root_caller_is_denied_every_action(env, call, svc, user, index):
     v1 = call("CreateSecret", Name="s", SecretString="one",
               Tags=[{"Key": "team", "Value": "db"}])["VersionId"]
