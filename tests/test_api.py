@@ -221,8 +221,8 @@ async def test_peer_credentials_reach_the_service(server):
 @pytest.mark.parametrize(("target", "body", "code", "message"), [
     ("secretsmanager.NoSuchAction", b"{}", "UnknownOperationException", "NoSuchAction"),
     (None, b"{}", "UnknownOperationException", "X-Amz-Target"),
-    ("secretsmanager.RotateSecret", b"{}", "UnknownOperationException",
-     "secretfs does not implement RotateSecret."),
+    ("secretsmanager.ReplicateSecretToRegions", b"{}", "UnknownOperationException",
+     "secretfs does not implement ReplicateSecretToRegions."),
     ("secretsmanager.ListSecrets", b'{"MaxResults": ', "SerializationException", "not valid JSON"),
     ("secretsmanager.ListSecrets", b"[1, 2]", "SerializationException", "must be a JSON object"),
     ("secretsmanager.ListSecrets", b'{"MaxResults": NaN}', "SerializationException",
