@@ -192,6 +192,7 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
     from secretfs.api.server import serve_unix
     from secretfs.audit import AuditError, AuditLog
     from secretfs.fs.ops import SecretsOperations
+    from secretfs.rotation.runner import RotationRunner
 
     mountpoint = mountpoint.resolve()
     state = StateDir(state.root.resolve())
@@ -229,6 +230,9 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                 await nursery.start(functools.partial(
                     serve_unix, service, state.socket, limiter=limiter))
                 nursery.start_soon(_housekeeping, service)
+                runner = RotationRunner(service)
+                service.rotation_listeners.append(_waker(runner))
+                await nursery.start(runner.run)
                 nursery.start_soon(_stop_on_signal, pyfuse3)
                 with contextlib.suppress(OSError):
                     RUN_DIR.mkdir(mode=0o700, exist_ok=True)
@@ -252,6 +256,17 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
             log.info("unmounted %s", mountpoint)
     finally:
         lock.close()
+
+
+def _waker(runner) -> Callable[[], None]:
+    """A RotateSecret (in a worker thread) wakes the runner in the trio loop."""
+    token = trio.lowlevel.current_trio_token()
+
+    def wake() -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            trio.from_thread.run_sync(runner.wake, trio_token=token)
+
+    return wake
 
 
 async def _stop_on_signal(pyfuse3) -> None:

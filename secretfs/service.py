@@ -97,6 +97,8 @@ class SecretsManagerService:
         self._mutation_lock = threading.RLock()
         self._pending_access: dict[tuple[int, str], datetime] = {}
         self._policy_listeners: list[Callable[[], None]] = []
+        # Told when a rotation was requested, so the runner need not wait its turn.
+        self.rotation_listeners: list[Callable[[], None]] = []
         self.policy_generation = 0
         self._load_policies()
 
@@ -979,6 +981,8 @@ class SecretsManagerService:
             return version_id
 
         version_id, after = self._mutate(secret.secret_id, change)
+        for listener in self.rotation_listeners:
+            listener()
         return self._named(after, version_id)
 
     def _start_rotation(self, writer, secret: Secret, config: dict, token: str | None) -> str:
@@ -1042,6 +1046,65 @@ class SecretsManagerService:
         config.update(LastRotatedDate=now, Pending=None)
         config["NextRotationDate"] = self._next_rotation(config, last_rotated=now)
         writer.update_secret(secret.secret_id, rotation=config)
+
+    # --- for the rotation runner ---------------------------------------------------------
+
+    ROTATION_RETRY_MIN, ROTATION_RETRY_MAX = 60.0, 3600.0
+
+    def rotations_due(self) -> list[int]:
+        with self.store.read() as reader:
+            return reader.rotations_due(self.now().timestamp())
+
+    def next_rotation_due(self) -> datetime | None:
+        with self.store.read() as reader:
+            when = reader.next_rotation_due()
+        return None if when is None else datetime.fromtimestamp(when, UTC)
+
+    def open_rotation(self, secret_id: int) -> dict | None:
+        """The rotation to run for a due secret — the open one, or a new one started
+        now: {"Token", "Step" (the last step done, or None), "Rotator"}. None when the
+        secret no longer rotates."""
+        def change(writer, fresh: Secret):
+            config = dict(fresh.rotation or {})
+            if fresh.is_deleted or not config.get("RotationLambdaARN"):
+                return None
+            if not config.get("Pending"):
+                if not config.get("Enabled"):
+                    return None
+                self._start_rotation(writer, fresh, config, None)
+                config["NextRotationDate"] = None
+                writer.update_secret(fresh.secret_id, rotation=config)
+            pending = config["Pending"]
+            return {"Token": pending["Token"], "Step": pending.get("Step"),
+                    "Rotator": config["RotationLambdaARN"]}
+
+        opened, _ = self._mutate(secret_id, change)
+        return opened
+
+    def record_rotation_step(self, secret_id: int, token: str, step: str,
+                             error: str | None = None) -> None:
+        """Persist a step's outcome, so a restart resumes where the rotation stood. A
+        failed step leaves AWSCURRENT alone and schedules a retry with backoff."""
+        def change(writer, fresh: Secret):
+            config = dict(fresh.rotation or {})
+            pending = dict(config.get("Pending") or {})
+            if pending.get("Token") != token:
+                return  # finished (finishSecret clears it) or cancelled meanwhile
+            if error is None:
+                pending.update(Step=step, Error=None, RetryAt=None)
+            else:
+                attempts = pending.get("Attempts", 0) + 1
+                delay = min(self.ROTATION_RETRY_MIN * 2 ** (attempts - 1), self.ROTATION_RETRY_MAX)
+                pending.update(Error=f"{step}: {error}", Attempts=attempts,
+                               RetryAt=self.now().timestamp() + delay)
+            config["Pending"] = pending
+            writer.update_secret(fresh.secret_id, rotation=config)
+
+        self._mutate(secret_id, change)
+        if error is not None:
+            self.authorizer.record_mutation(SYSTEM, "RotationStepFailed", {}, {
+                "ARN": self.catalog.row(secret_id).arn if self.catalog.row(secret_id) else "",
+                "VersionId": token})
 
     # --- access policies -----------------------------------------------------------
 

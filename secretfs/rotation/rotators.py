@@ -6,9 +6,16 @@ per step; `python:package.module:function` runs an AWS Lambda-style handler.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
+from typing import Protocol
 
-from secretfs.model import InvalidParameterException
+from secretfs.model import (
+    InvalidParameterException,
+    InvalidRequestException,
+    ResourceNotFoundException,
+)
 
 BUILT_IN = frozenset({
     "random-password", "postgresql-single-user", "postgresql-alternating-users",
@@ -28,3 +35,68 @@ def check_rotator(name: str) -> str:
     raise InvalidParameterException(
         f"RotationLambdaARN {name!r} names no rotator: use secretfs:<"
         f"{'|'.join(sorted(BUILT_IN))}>, exec:/absolute/path or python:module:function.")
+
+
+Client = Callable[[str, dict], dict]
+
+
+class Rotator(Protocol):
+    def run(self, event: dict, client: Client) -> None:
+        """Carry out one step of AWS's protocol; `client(action, params)` calls the service."""
+
+
+class RandomPassword:
+    """For secrets whose only consumer reads the file: a new random password.
+
+    A JSON object keeps its other keys and gets a new "password"; any other value
+    is replaced whole. The password follows GetRandomPassword's defaults.
+    """
+
+    def run(self, event: dict, client: Client) -> None:
+        step, secret_id, token = event["Step"], event["SecretId"], event["ClientRequestToken"]
+        if step == "createSecret":
+            self._create(secret_id, token, client)
+        elif step == "testSecret":
+            client("GetSecretValue", {"SecretId": secret_id, "VersionId": token,
+                                      "VersionStage": "AWSPENDING"})
+        elif step == "finishSecret":
+            finish(secret_id, token, client)
+
+    @staticmethod
+    def _create(secret_id: str, token: str, client: Client) -> None:
+        try:
+            client("GetSecretValue", {"SecretId": secret_id, "VersionId": token,
+                                      "VersionStage": "AWSPENDING"})
+            return  # filled already: a resumed rotation
+        except ResourceNotFoundException:
+            pass
+        current = client("GetSecretValue", {"SecretId": secret_id})
+        password = client("GetRandomPassword", {})["RandomPassword"]
+        value = password
+        try:
+            document = json.loads(current.get("SecretString", ""))
+        except ValueError:
+            document = None
+        if isinstance(document, dict):
+            document["password"] = password
+            value = json.dumps(document)
+        client("PutSecretValue", {"SecretId": secret_id, "ClientRequestToken": token,
+                                  "SecretString": value, "VersionStages": ["AWSPENDING"]})
+
+
+def finish(secret_id: str, token: str, client: Client) -> None:
+    """finishSecret as AWS's templates write it: move AWSCURRENT unless it is there."""
+    described = client("DescribeSecret", {"SecretId": secret_id})
+    current = next((version for version, stages in described["VersionIdsToStages"].items()
+                    if "AWSCURRENT" in stages), None)
+    if current == token:
+        return
+    client("UpdateSecretVersionStage", {"SecretId": secret_id, "VersionStage": "AWSCURRENT",
+                                        "MoveToVersionId": token,
+                                        "RemoveFromVersionId": current})
+
+
+def rotator_for(name: str) -> Rotator:
+    if name == "secretfs:random-password":
+        return RandomPassword()
+    raise InvalidRequestException(f"The rotator {name} can't run on this host yet.")

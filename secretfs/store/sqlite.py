@@ -218,6 +218,24 @@ class Reader:
         return {(principal, name): document for principal, name, document in self.db.execute(
             "SELECT principal, name, document FROM identity_policies ORDER BY principal, name")}
 
+    # When a secret's rotation is next due: its scheduled date, or at once (or at
+    # its retry time) while a rotation is open.
+    _ROTATION_DUE = (
+        "CASE WHEN json_extract(rotation, '$.Pending') IS NOT NULL"
+        " THEN coalesce(json_extract(rotation, '$.Pending.RetryAt'), 0)"
+        " WHEN json_extract(rotation, '$.Enabled') THEN json_extract(rotation, '$.NextRotationDate')"
+        " END")
+
+    def rotations_due(self, now: float) -> list[int]:
+        return [row[0] for row in self.db.execute(
+            f"SELECT id FROM secrets WHERE deleted IS NULL AND rotation IS NOT NULL"
+            f" AND {self._ROTATION_DUE} <= ? ORDER BY {self._ROTATION_DUE}", (now,))]
+
+    def next_rotation_due(self) -> float | None:
+        return self.db.execute(
+            f"SELECT min({self._ROTATION_DUE}) FROM secrets"
+            " WHERE deleted IS NULL AND rotation IS NOT NULL").fetchone()[0]
+
     def expired(self, now: float) -> list[int]:
         return [row[0] for row in self.db.execute(
             "SELECT id FROM secrets WHERE deleted IS NOT NULL AND deleted <= ?", (now,))]

@@ -1,0 +1,165 @@
+"""The rotation runner: the four steps in order, persisted, resumed, retried, scheduled.
+
+The service runs on a clock that follows trio's: under the autojump clock a
+simulated year of schedules passes in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+
+import pytest
+import trio
+import trio.testing
+
+from secretfs.rotation import rotators
+from secretfs.rotation.runner import STEPS, RotationRunner
+
+pytest_plugins = ["_service_fixtures"]
+
+TOKEN = "11111111-2222-3333-4444-555555555555"
+
+
+def stages(call, name: str) -> dict:
+    return call("DescribeSecret", SecretId=name)["VersionIdsToStages"]
+
+
+class Recording:
+    """A rotator that does what random-password does, records each step it runs, and
+    fails at one step while `fail_at` says so."""
+
+    def __init__(self, fail_at: str | None = None):
+        self.fail_at = fail_at
+        self.steps: list[str] = []
+
+    def run(self, event, client):
+        self.steps.append(event["Step"])
+        if event["Step"] == self.fail_at:
+            raise RuntimeError(f"{self.fail_at} refused")
+        rotators.RandomPassword().run(event, client)
+
+
+def test_a_rotation_runs_the_four_steps_and_promotes(env, call):
+    old = call("CreateSecret", Name="app", SecretString='{"user": "app", "password": "p0"}')
+    call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
+         ClientRequestToken=TOKEN)
+    recording = Recording()
+    runner = RotationRunner(env.service, rotators=lambda name: recording)
+    assert trio.run(runner.rotate, env.service.catalog.id_by_name("app"))
+    assert recording.steps == list(STEPS)
+    assert stages(call, "app") == {TOKEN: ["AWSCURRENT"], old["VersionId"]: ["AWSPREVIOUS"]}
+    value = json.loads(call("GetSecretValue", SecretId="app")["SecretString"])
+    assert value["user"] == "app" and value["password"] != "p0" and len(value["password"]) == 32
+
+
+def test_a_failing_step_keeps_awscurrent_records_the_error_and_retries(env, call):
+    old = call("CreateSecret", Name="app", SecretString="p0")["VersionId"]
+    call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
+         ClientRequestToken=TOKEN)
+    service = env.service
+    secret_id = service.catalog.id_by_name("app")
+    failing = Recording(fail_at="testSecret")
+    assert not trio.run(RotationRunner(service, rotators=lambda name: failing).rotate, secret_id)
+    assert failing.steps == ["createSecret", "setSecret", "testSecret"]
+    assert call("GetSecretValue", SecretId="app")["SecretString"] == "p0"
+    assert stages(call, "app") == {old: ["AWSCURRENT"], TOKEN: ["AWSPENDING"]}
+    pending = service.catalog.get(secret_id).rotation["Pending"]
+    assert pending["Error"] == "testSecret: RuntimeError: testSecret refused"
+    assert pending["Step"] == "setSecret" and pending["Attempts"] == 1
+    # The retry waits its backoff, then resumes at the failed step with the same token.
+    assert service.rotations_due() == []
+    env.clock.advance(seconds=service.ROTATION_RETRY_MIN)
+    assert service.rotations_due() == [secret_id]
+    working = Recording()
+    assert trio.run(RotationRunner(service, rotators=lambda name: working).rotate, secret_id)
+    assert working.steps == ["testSecret", "finishSecret"]
+    assert stages(call, "app") == {TOKEN: ["AWSCURRENT"], old: ["AWSPREVIOUS"]}
+
+
+def test_a_restart_resumes_the_rotation_where_it_stood(env, call):
+    """The steps done are in the store: a new service over the same files (a restarted
+    daemon) goes on from there, with the token the rotation began with."""
+    old = call("CreateSecret", Name="app", SecretString="p0")["VersionId"]
+    call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
+         ClientRequestToken=TOKEN)
+    secret_id = env.service.catalog.id_by_name("app")
+    # "Killed" during setSecret: createSecret's outcome was persisted, nothing after.
+    crashed = Recording(fail_at="setSecret")
+    trio.run(RotationRunner(env.service, rotators=lambda name: crashed).rotate, secret_id)
+    env.clock.advance(hours=2)
+    restarted = env.reopen()
+    resumed = Recording()
+    assert trio.run(RotationRunner(restarted, rotators=lambda name: resumed).rotate, secret_id)
+    assert resumed.steps == ["setSecret", "testSecret", "finishSecret"]
+    described = restarted.call("DescribeSecret", {"SecretId": "app"},
+                               caller=_root())["VersionIdsToStages"]
+    assert described == {TOKEN: ["AWSCURRENT"], old: ["AWSPREVIOUS"]}
+    assert len(restarted.call("ListSecretVersionIds", {"SecretId": "app",
+                                                       "IncludeDeprecated": True},
+                              _root())["Versions"]) == 2  # exactly one new version
+
+
+def _root():
+    from secretfs.identity import SYSTEM
+    return SYSTEM
+
+
+@pytest.mark.parametrize(("rules", "expected"), [
+    ({"ScheduleExpression": "rate(10 days)"}, (36, 37)),
+    ({"ScheduleExpression": "cron(0 16 1,15 * ? *)"}, (24, 24)),
+])
+async def test_the_scheduler_rotates_on_time_over_a_simulated_year(env, rules, expected,
+                                                                   autojump_clock):
+    base = env.clock.now
+    service = env.service
+    # The service's clock follows trio's from here on.
+    service.now = lambda: base + timedelta(seconds=autojump_clock.current_time())
+    service.call("CreateSecret", {"Name": "app", "SecretString": "p0"}, _root())
+    service.call("RotateSecret", {"SecretId": "app", "RotationLambdaARN":
+                                  "secretfs:random-password", "RotationRules": rules,
+                                  "RotateImmediately": False}, _root())
+    async def inline(function, *args, limiter=None):
+        return function(*args)
+
+    runner = RotationRunner(service, in_thread=inline)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        await trio.sleep(365 * 86400)
+        nursery.cancel_scope.cancel()
+    versions = service.call("ListSecretVersionIds", {"SecretId": "app",
+                                                     "IncludeDeprecated": True},
+                            _root())["Versions"]
+    rotations = len(versions) - 1
+    assert expected[0] <= rotations <= expected[1]
+    described = service.call("DescribeSecret", {"SecretId": "app"}, _root())
+    assert described["NextRotationDate"] > service.now()
+
+
+@pytest.mark.mount
+def test_the_daemon_rotates_and_the_mount_shows_the_new_value(daemon):
+    """RotateSecret through the CLI: the daemon's runner carries the rotation out, and
+    AWSCURRENT on the mount flips to the new password in one step."""
+    import time
+
+    created = daemon.call("create-secret", "--name", "app/db",
+                          "--secret-string", '{"username": "app", "password": "p0"}')
+    before = daemon.path("app/db/AWSCURRENT").read_bytes()
+    started = daemon.call("rotate-secret", "--secret-id", "app/db",
+                          "--rotation-lambda-arn", "secretfs:random-password",
+                          "--rotation-rules", "AutomaticallyAfterDays=30")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "versions/" + started["VersionId"] == os.readlink(daemon.path("app/db/AWSCURRENT")):
+            break
+        time.sleep(0.05)
+    after = json.loads(daemon.path("app/db/AWSCURRENT").read_bytes())
+    assert after["username"] == "app" and after["password"] != "p0"
+    assert daemon.path("app/db/AWSPREVIOUS").read_bytes() == before
+    assert not daemon.path("app/db/AWSPENDING").exists()
+    assert daemon.path("app/db/keys/AWSCURRENT/password").read_text() == after["password"]
+    described = daemon.call("describe-secret", "--secret-id", "app/db")
+    assert described["VersionIdsToStages"] == {started["VersionId"]: ["AWSCURRENT"],
+                                               created["VersionId"]: ["AWSPREVIOUS"]}
+    assert "LastRotatedDate" in described and "NextRotationDate" in described
