@@ -192,6 +192,7 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
     from secretfs.api.server import serve_unix
     from secretfs.audit import AuditError, AuditLog
     from secretfs.fs.ops import SecretsOperations
+    from secretfs.rotation.rotators import rotator_for
     from secretfs.rotation.runner import RotationRunner
 
     mountpoint = mountpoint.resolve()
@@ -230,7 +231,8 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                 await nursery.start(functools.partial(
                     serve_unix, service, state.socket, limiter=limiter))
                 nursery.start_soon(_housekeeping, service)
-                runner = RotationRunner(service)
+                runner = RotationRunner(service, rotators=functools.partial(
+                    rotator_for, state_dir=str(state.root)))
                 service.rotation_listeners.append(_waker(runner))
                 await nursery.start(runner.run)
                 nursery.start_soon(_stop_on_signal, pyfuse3)

@@ -163,3 +163,83 @@ def test_the_daemon_rotates_and_the_mount_shows_the_new_value(daemon):
     assert described["VersionIdsToStages"] == {started["VersionId"]: ["AWSCURRENT"],
                                                created["VersionId"]: ["AWSPREVIOUS"]}
     assert "LastRotatedDate" in described and "NextRotationDate" in described
+
+
+EXEC_ROTATOR = '''#!{python}
+"""A rotator in the exec protocol: the event on stdin, the secretfs command for I/O."""
+import json, subprocess, sys
+
+event = json.load(sys.stdin)
+step, secret, token = event["Step"], event["SecretId"], event["ClientRequestToken"]
+with open({log!r}, "a") as log:
+    log.write(step + "\\n")
+if step == {fail!r}:
+    sys.exit(3)
+
+def cli(*args):
+    out = subprocess.run([{python!r}, "-m", "secretfs.cli", *args], check=True,
+                         capture_output=True).stdout
+    return json.loads(out or b"{{}}")
+
+if step == "createSecret":
+    cli("put-secret-value", "--secret-id", secret, "--client-request-token", token,
+        "--secret-string", "rotated-by-exec", "--version-stages", "AWSPENDING")
+elif step == "finishSecret":
+    stages = cli("describe-secret", "--secret-id", secret)["VersionIdsToStages"]
+    current = next(v for v, s in stages.items() if "AWSCURRENT" in s)
+    cli("update-secret-version-stage", "--secret-id", secret, "--version-stage",
+        "AWSCURRENT", "--move-to-version-id", token, "--remove-from-version-id", current)
+'''
+
+
+def _exec_rotator(tmp_path, *, fail: str | None = None):
+    import sys
+
+    program, log = tmp_path / "rotate.py", tmp_path / "steps.log"
+    program.write_text(EXEC_ROTATOR.format(python=sys.executable, log=str(log), fail=fail))
+    program.chmod(0o755)
+    return program, log
+
+
+def _wait_for(predicate, seconds: float = 15.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.mount
+def test_an_exec_rotator_rotates_through_the_control_socket(daemon, tmp_path):
+    program, log = _exec_rotator(tmp_path)
+    daemon.call("create-secret", "--name", "svc/token", "--secret-string", "before")
+    started = daemon.call("rotate-secret", "--secret-id", "svc/token",
+                          "--rotation-lambda-arn", f"exec:{program}")
+    assert _wait_for(lambda: daemon.path("svc/token/AWSCURRENT").read_bytes()
+                     == b"rotated-by-exec")
+    assert os.readlink(daemon.path("svc/token/AWSCURRENT")) == (
+        "versions/" + started["VersionId"])
+    assert log.read_text().split() == list(STEPS)
+
+
+@pytest.mark.mount
+def test_an_exec_rotator_failing_at_test_secret_leaves_awscurrent(daemon, tmp_path):
+    program, log = _exec_rotator(tmp_path, fail="testSecret")
+    daemon.call("create-secret", "--name", "svc/token", "--secret-string", "before")
+    started = daemon.call("rotate-secret", "--secret-id", "svc/token",
+                          "--rotation-lambda-arn", f"exec:{program}")
+    assert _wait_for(lambda: log.exists() and "testSecret" in log.read_text().split())
+    assert _wait_for(lambda: any(
+        record.get("eventName") == "RotationStepFailed" for record in
+        map(json.loads, daemon.cli("audit", "search", "--state-dir",
+                                   str(daemon.state_dir)).stdout.splitlines())), 5)
+    assert daemon.path("svc/token/AWSCURRENT").read_bytes() == b"before"
+    assert os.readlink(daemon.path("svc/token/AWSPENDING")) == (
+        "versions/" + started["VersionId"])
+    assert daemon.path("svc/token/AWSPENDING").read_bytes() == b"rotated-by-exec"
+    # A second RotateSecret while this one waits for its retry fails as in AWS.
+    failed = daemon.cli("rotate-secret", "--secret-id", "svc/token", check=False)
+    assert failed.returncode != 0 and b"InvalidRequestException" in failed.stderr

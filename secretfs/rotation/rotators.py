@@ -7,7 +7,10 @@ per step; `python:package.module:function` runs an AWS Lambda-style handler.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -96,7 +99,43 @@ def finish(secret_id: str, token: str, client: Client) -> None:
                                         "RemoveFromVersionId": current})
 
 
-def rotator_for(name: str) -> Rotator:
+class Exec:
+    """Any executable, once per step: the event as JSON on stdin, the daemon's state
+    directory in SECRETFS_STATE_DIR so it can read and write the pending version with
+    the `secretfs` command (or any Secrets Manager client on the control socket).
+    A non-zero exit or a timeout fails the step. Its output is not kept: a program
+    may print what it handles, and nothing a rotator prints may land in the store or
+    a log, so the recorded error is the exit status.
+    """
+
+    def __init__(self, program: str, *, state_dir: str | None, timeout: float = 300.0):
+        self.program = program
+        self.state_dir = state_dir
+        self.timeout = timeout
+
+    def run(self, event: dict, client: Client) -> None:
+        environment = dict(os.environ)
+        if self.state_dir:
+            environment["SECRETFS_STATE_DIR"] = self.state_dir
+        payload = dict(event, RotationToken=str(uuid.uuid4()))
+        try:
+            result = subprocess.run(
+                [self.program], input=json.dumps(payload).encode(),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                timeout=self.timeout, env=environment, cwd="/", start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{self.program} did not finish {event['Step']} within "
+                               f"{self.timeout:g} s") from None
+        except OSError as error:
+            raise RuntimeError(f"can't run {self.program}: {error.strerror}") from None
+        if result.returncode != 0:
+            raise RuntimeError(f"{self.program} exited with status {result.returncode} at "
+                               f"{event['Step']}")
+
+
+def rotator_for(name: str, *, state_dir: str | None = None) -> Rotator:
     if name == "secretfs:random-password":
         return RandomPassword()
+    if name.startswith("exec:"):
+        return Exec(name.removeprefix("exec:"), state_dir=state_dir)
     raise InvalidRequestException(f"The rotator {name} can't run on this host yet.")
