@@ -243,3 +243,74 @@ def test_an_exec_rotator_failing_at_test_secret_leaves_awscurrent(daemon, tmp_pa
     # A second RotateSecret while this one waits for its retry fails as in AWS.
     failed = daemon.cli("rotate-secret", "--secret-id", "svc/token", check=False)
     assert failed.returncode != 0 and b"InvalidRequestException" in failed.stderr
+
+
+PAUSING_ROTATOR = '''#!{python}
+"""Reports each step, and at one step (once) waits to be killed mid-step."""
+import json, os, subprocess, sys, time
+
+event = json.load(sys.stdin)
+step, secret, token = event["Step"], event["SecretId"], event["ClientRequestToken"]
+with open({log!r}, "a") as log:
+    log.write(step + "\\n")
+if step == {pause!r} and not os.path.exists({paused!r}):
+    open({paused!r}, "w").close()
+    time.sleep(60)
+
+def cli(*args):
+    out = subprocess.run([{python!r}, "-m", "secretfs.cli", *args], check=True,
+                         capture_output=True).stdout
+    return json.loads(out or b"{{}}")
+
+if step == "createSecret":
+    try:
+        cli("get-secret-value", "--secret-id", secret, "--version-id", token,
+            "--version-stage", "AWSPENDING")
+    except subprocess.CalledProcessError:
+        cli("put-secret-value", "--secret-id", secret, "--client-request-token", token,
+            "--secret-string", "after-" + token, "--version-stages", "AWSPENDING")
+elif step == "finishSecret":
+    stages = cli("describe-secret", "--secret-id", secret)["VersionIdsToStages"]
+    current = next(v for v, s in stages.items() if "AWSCURRENT" in s)
+    if current != token:
+        cli("update-secret-version-stage", "--secret-id", secret, "--version-stage",
+            "AWSCURRENT", "--move-to-version-id", token, "--remove-from-version-id", current)
+'''
+
+
+@pytest.mark.mount
+@pytest.mark.slow
+@pytest.mark.parametrize("step", STEPS)
+def test_a_daemon_killed_during_each_step_completes_the_rotation_after_restart(
+        daemon, tmp_path, step):
+    """SIGKILL while a step runs: after the restart the rotation resumes with the same
+    token and ends with exactly one new version, labelled where AWS would put them."""
+    import signal
+    import subprocess
+    import sys
+
+    program, log, paused = tmp_path / "rotate.py", tmp_path / "steps.log", tmp_path / "paused"
+    program.write_text(PAUSING_ROTATOR.format(python=sys.executable, log=str(log),
+                                              pause=step, paused=str(paused)))
+    program.chmod(0o755)
+    first = daemon.call("create-secret", "--name", "crash/me", "--secret-string", "before")
+    started = daemon.call("rotate-secret", "--secret-id", "crash/me",
+                          "--rotation-lambda-arn", f"exec:{program}")
+    token = started["VersionId"]
+    assert _wait_for(paused.exists)
+    os.kill(daemon.pid(), signal.SIGKILL)
+    subprocess.run(["pkill", "-KILL", "-f", str(program)], check=False)
+    daemon.start()  # clears the stale mount; the runner resumes at the step it reached
+    assert _wait_for(lambda: os.readlink(daemon.path("crash/me/AWSCURRENT"))
+                     == f"versions/{token}")
+    assert daemon.path("crash/me/AWSCURRENT").read_text() == f"after-{token}"
+    assert daemon.path("crash/me/AWSPREVIOUS").read_text() == "before"
+    assert not daemon.path("crash/me/AWSPENDING").exists()
+    versions = daemon.call("list-secret-version-ids", "--secret-id", "crash/me",
+                           "--include-deprecated")["Versions"]
+    assert sorted(version["VersionId"] for version in versions) == sorted(
+        [first["VersionId"], token])
+    ran = log.read_text().split()
+    # Steps before the killed one ran once; the killed one ran again after the restart.
+    assert ran[:STEPS.index(step) + 1] == list(STEPS[:STEPS.index(step) + 1])
+    assert ran[STEPS.index(step) + 1:] == list(STEPS[STEPS.index(step):])
