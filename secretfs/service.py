@@ -752,6 +752,19 @@ class SecretsManagerService:
             for key in ("LastRotatedDate", "NextRotationDate"):
                 if rotation.get(key) is not None:
                     response[key] = datetime.fromtimestamp(rotation[key], UTC)
+            pending = rotation.get("Pending")
+            if pending:
+                # secretfs's own member (AWS SDKs ignore members they don't know): where
+                # an open rotation stands, and why its last attempt failed.
+                response["RotationInProgress"] = {
+                    key: value for key, value in (
+                        ("VersionId", pending["Token"]),
+                        ("LastCompletedStep", pending.get("Step")),
+                        ("LastError", pending.get("Error")),
+                        ("Attempts", pending.get("Attempts") or None),
+                        ("NextAttemptDate", pending.get("RetryAt") and datetime.fromtimestamp(
+                            pending["RetryAt"], UTC)),
+                    ) if value is not None}
         response["LastChangedDate"] = secret.changed
         if secret.accessed is not None:
             response["LastAccessedDate"] = secret.accessed

@@ -68,6 +68,11 @@ def test_a_failing_step_keeps_awscurrent_records_the_error_and_retries(env, call
     pending = service.catalog.get(secret_id).rotation["Pending"]
     assert pending["Error"] == "testSecret: RuntimeError: testSecret refused"
     assert pending["Step"] == "setSecret" and pending["Attempts"] == 1
+    shown = call("DescribeSecret", SecretId="app")["RotationInProgress"]
+    assert shown == {"VersionId": TOKEN, "LastCompletedStep": "setSecret",
+                     "LastError": "testSecret: RuntimeError: testSecret refused",
+                     "Attempts": 1, "NextAttemptDate": env.clock.now + timedelta(
+                         seconds=service.ROTATION_RETRY_MIN)}
     # The retry waits its backoff, then resumes at the failed step with the same token.
     assert service.rotations_due() == []
     env.clock.advance(seconds=service.ROTATION_RETRY_MIN)
