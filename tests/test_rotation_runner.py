@@ -319,3 +319,72 @@ def test_a_daemon_killed_during_each_step_completes_the_rotation_after_restart(
     # Steps before the killed one ran once; the killed one ran again after the restart.
     assert ran[:STEPS.index(step) + 1] == list(STEPS[:STEPS.index(step) + 1])
     assert ran[STEPS.index(step) + 1:] == list(STEPS[STEPS.index(step):])
+
+
+_ROTATION_READER = r"""
+import errno, json, os, sys
+os.nice(5)
+paths, stop = sys.argv[1:3], sys.argv[3]
+seen = {path: set() for path in paths}
+errors, reads, first = {}, 0, True
+while first or not os.path.exists(stop):
+    for path in paths:
+        try:
+            with open(path, "rb", buffering=0) as file:
+                seen[path].add(file.read().decode("latin-1"))
+            reads += 1
+        except OSError as error:
+            key = errno.errorcode.get(error.errno, str(error))
+            errors[key] = errors.get(key, 0) + 1
+    if first:
+        first = False
+        print("ready", flush=True)
+print(json.dumps({"reads": reads, "errors": errors,
+                  "seen": {path: sorted(values) for path, values in seen.items()}}))
+"""
+
+
+@pytest.mark.mount
+@pytest.mark.slow
+def test_readers_never_see_a_partial_or_missing_value_during_rotations(daemon, tmp_path):
+    import subprocess
+    import sys
+
+    from secretfs.api.client import Client
+    from secretfs.state import StateDir
+
+    client = Client(StateDir(daemon.state_dir).socket)
+    client.call("CreateSecret", {"Name": "hot/db",
+                                 "SecretString": json.dumps({"user": "app", "password": "p0"})})
+    whole = str(daemon.path("hot/db/AWSCURRENT"))
+    key = str(daemon.path("hot/db/keys/AWSCURRENT/password"))
+    stop = tmp_path / "stop"
+    readers = [subprocess.Popen([sys.executable, "-c", _ROTATION_READER, whole, key, str(stop)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for _ in range(2)]
+    rotations = 20
+    try:
+        for reader in readers:
+            assert reader.stdout.readline().strip() == b"ready"
+        for _ in range(rotations):
+            token = client.call("RotateSecret", {
+                "SecretId": "hot/db", "RotationLambdaARN": "secretfs:random-password"})[
+                "VersionId"]
+            assert _wait_for(lambda token=token: os.readlink(whole) == f"versions/{token}")
+    finally:
+        stop.touch()
+        outputs = [reader.communicate(timeout=60) for reader in readers]
+    versions = client.call("ListSecretVersionIds", {"SecretId": "hot/db",
+                                                    "IncludeDeprecated": True})["Versions"]
+    values = {client.call("GetSecretValue", {"SecretId": "hot/db",
+                                             "VersionId": version["VersionId"]})["SecretString"]
+              for version in versions}
+    assert len(values) == rotations + 1
+    passwords = {json.loads(value)["password"] for value in values}
+    for reader, (out, err) in zip(readers, outputs, strict=True):
+        assert reader.returncode == 0, err.decode(errors="replace")
+        result = json.loads(out.decode().splitlines()[-1])
+        assert result["errors"] == {}, result["errors"]
+        assert set(result["seen"][whole]) <= values  # only whole, known versions
+        assert set(result["seen"][key]) <= passwords
+        assert len(result["seen"][whole]) > 1  # the rotations were visible
