@@ -7,6 +7,7 @@ teardown, even when the test failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,39 @@ def force_unmount(mountpoint: Path) -> None:
                    capture_output=True)
 
 
+def _require_fuse() -> None:
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.fail("mount tests need root and /dev/fuse (run through the README's test command)")
+
+
+def reachable_directory(prefix: str) -> Path:
+    """A directory every uid can traverse, outside pytest's basetemp: each pytest
+    session that starts chmods /tmp/pytest-of-<user> back to 0700, which would lock
+    throw-away users out of a mountpoint below it."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o711)
+    return base
+
+
+@contextlib.contextmanager
+def serving_daemon(*extra_args: str, prefix: str = "secretfs-test-") -> Iterator[Daemon]:
+    """A daemon on a fresh state directory, for tests that share one (module-scoped
+    fixtures); always unmounted, and its directory removed, afterwards."""
+    _require_fuse()
+    base = reachable_directory(prefix)
+    running = Daemon(state_dir=base / "state", mountpoint=base / "secrets",
+                     extra_args=list(extra_args))
+    running.mountpoint.mkdir()
+    try:
+        running.cli("init", "--state-dir", str(running.state_dir))
+        running.start()
+        yield running
+    finally:
+        running.stop()
+        if not os.path.ismount(running.mountpoint):
+            shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     state = tmp_path / "state"
@@ -98,12 +133,8 @@ def state_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def daemon(state_dir: Path):
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.fail("mount tests need root and /dev/fuse (run through the README's test command)")
-    # Other uids must reach the mountpoint: it lives outside pytest's tmp_path,
-    # whose root each new pytest session resets to 0700.
-    holder = Path(tempfile.mkdtemp(prefix="secretfs-mnt-"))
-    holder.chmod(0o711)
+    _require_fuse()
+    holder = reachable_directory("secretfs-mnt-")
     mountpoint = holder / "secrets"
     mountpoint.mkdir()
     running = Daemon(state_dir=state_dir, mountpoint=mountpoint)

@@ -16,7 +16,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, run_as
+from conftest import Daemon, run_as, serving_daemon
 
 from secretfs import audit
 from secretfs.api.client import Client
@@ -172,32 +171,12 @@ def alice_policy() -> dict:
     ]}
 
 
-def new_daemon(extra_args: list[str]) -> Daemon:
-    """A daemon's directories outside pytest's basetemp (a later pytest session chmods
-    that 0700, which would lock the throw-away users out), reachable by every uid."""
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.fail("mount tests need root and /dev/fuse (run through the README's test command)")
-    base = Path(tempfile.mkdtemp(prefix="secretfs-access-test-"))
-    base.chmod(0o711)
-    running = Daemon(state_dir=base / "state", mountpoint=base / "secrets",
-                     extra_args=list(extra_args))
-    running.mountpoint.mkdir()
-    (base / "policies").mkdir(mode=0o700)
-    return running
-
-
 @contextlib.contextmanager
 def serving(extra_args: list[str]) -> Iterator[Daemon]:
-    """A fresh state directory mounted; always unmounted and removed after."""
-    running = new_daemon(extra_args)
-    try:
-        running.cli("init", "--state-dir", str(running.state_dir))
-        running.start()
+    """A fresh state directory mounted, with a directory for policy documents."""
+    with serving_daemon(*extra_args, prefix="secretfs-access-test-") as running:
+        (running.state_dir.parent / "policies").mkdir(mode=0o700)
         yield running
-    finally:
-        running.stop()
-        if not os.path.ismount(running.mountpoint):
-            shutil.rmtree(running.mountpoint.parent, ignore_errors=True)
 
 
 def populate(running: Daemon, users: Users, names: list[str]) -> Scene:

@@ -17,7 +17,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, force_unmount, run_as
+from conftest import Daemon, force_unmount, run_as, serving_daemon
 
 import secretfs
 from secretfs.api.client import Client
@@ -158,26 +157,9 @@ def mount_entries(path: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mounted() -> Iterator[Daemon]:
-    """One daemon shared by the tests that each work on secrets of their own.
-
-    It lives outside pytest's basetemp: every pytest session that starts (another
-    run on this machine) chmods /tmp/pytest-of-<user> back to 0700, which would lock
-    the throw-away users out of the mountpoint in the middle of this run.
-    """
-    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
-        pytest.fail("mount tests need root and /dev/fuse (run through the README's test command)")
-    base = Path(tempfile.mkdtemp(prefix="secretfs-mount-test-"))
-    base.chmod(0o711)
-    running = Daemon(state_dir=base / "state", mountpoint=base / "secrets")
-    running.mountpoint.mkdir()
-    try:
-        running.cli("init", "--state-dir", str(running.state_dir))
-        running.start()
+    """One daemon shared by the tests that each work on secrets of their own."""
+    with serving_daemon(prefix="secretfs-mount-test-") as running:
         yield running
-    finally:
-        running.stop()
-        if not mount_entries(running.mountpoint):
-            shutil.rmtree(base, ignore_errors=True)
 
 
 # --- values through cat ----------------------------------------------------------------
