@@ -54,12 +54,47 @@ def _unit_of(cgroup: str | None) -> str | None:
     return None
 
 
+class _Names:
+    """uid -> user and gid -> group names, remembered for a few seconds: the passwd and
+    group databases are read through NSS, and an account may be deleted and its id
+    given to another name, so nothing is remembered for long."""
+
+    TTL = 5.0
+
+    def __init__(self):
+        self._users: dict[int, tuple[float, str | None]] = {}
+        self._groups: dict[int, tuple[float, str | None]] = {}
+
+    def user(self, uid: int) -> str | None:
+        return self._lookup(self._users, uid, lambda: pwd.getpwuid(uid).pw_name)
+
+    def group(self, gid: int) -> str | None:
+        return self._lookup(self._groups, gid, lambda: grp.getgrgid(gid).gr_name)
+
+    def _lookup(self, table: dict, key: int, resolve) -> str | None:
+        now = time.monotonic()
+        found = table.get(key)
+        if found is not None and now - found[0] < self.TTL:
+            return found[1]
+        try:
+            name = resolve()
+        except KeyError:
+            name = None
+        if len(table) > 4096:
+            table.clear()
+        table[key] = (now, name)
+        return name
+
+
+_NAMES = _Names()
+
+
 @dataclass(eq=False)
 class Identity:
     """A caller with the attributes policies ask for, each resolved on first use."""
 
     caller: Caller
-    names: _Names | None = None
+    names: _Names = _NAMES
 
     @property
     def uid(self) -> int:
@@ -79,12 +114,7 @@ class Identity:
 
     @cached_property
     def user(self) -> str | None:
-        if self.names is not None:
-            return self.names.user(self.uid)
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return None
+        return self.names.user(self.uid)
 
     @cached_property
     def gids(self) -> frozenset[int]:
@@ -103,18 +133,8 @@ class Identity:
 
     @cached_property
     def groups(self) -> frozenset[str]:
-        names = set()
-        for gid in self.gids:
-            if self.names is not None:
-                name = self.names.group(gid)
-            else:
-                try:
-                    name = grp.getgrgid(gid).gr_name
-                except KeyError:
-                    name = None
-            if name is not None:
-                names.add(name)
-        return frozenset(names)
+        names = (self.names.group(gid) for gid in self.gids)
+        return frozenset(name for name in names if name is not None)
 
     @cached_property
     def exe(self) -> str | None:
@@ -158,51 +178,3 @@ class Identity:
         """The identity for an audit record (resolves every attribute)."""
         return {"uid": self.uid, "gid": self.gid, "user": self.user, "pid": self.pid,
                 "exe": self.exe, "unit": self.unit}
-
-
-class _Names:
-    """uid -> user and gid -> group names, remembered for a few seconds: the passwd and
-    group databases are read through NSS, and an account may be deleted and its id
-    given to another name, so nothing is remembered for long."""
-
-    TTL = 5.0
-
-    def __init__(self):
-        self._users: dict[int, tuple[float, str | None]] = {}
-        self._groups: dict[int, tuple[float, str | None]] = {}
-
-    def user(self, uid: int) -> str | None:
-        return self._lookup(self._users, uid, lambda: pwd.getpwuid(uid).pw_name)
-
-    def group(self, gid: int) -> str | None:
-        return self._lookup(self._groups, gid, lambda: grp.getgrgid(gid).gr_name)
-
-    def _lookup(self, table: dict, key: int, resolve) -> str | None:
-        now = time.monotonic()
-        found = table.get(key)
-        if found is not None and now - found[0] < self.TTL:
-            return found[1]
-        try:
-            name = resolve()
-        except KeyError:
-            name = None
-        if len(table) > 4096:
-            table.clear()
-        table[key] = (now, name)
-        return name
-
-
-class IdentityCache:
-    """Makes the Identity of each request.
-
-    Nothing about a process is kept between requests: a process may exec another
-    program, move to another cgroup or change its groups while keeping its pid, and
-    a pid may be recycled. Each decision reads what its policies ask for from /proc
-    afresh; only user and group names are remembered, briefly.
-    """
-
-    def __init__(self):
-        self.names = _Names()
-
-    def identify(self, caller: Caller) -> Identity:
-        return Identity(caller, self.names)

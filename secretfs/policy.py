@@ -200,13 +200,17 @@ class Statement:
         return hit != self.not_principal
 
     def matches(self, request: Request, context: Callable[[str], tuple | None]) -> bool:
-        action = _qualified(request.action)
+        return self.covers(request) and all(
+            _condition_holds(condition, context) for condition in self.conditions)
+
+    def covers(self, request: Request) -> bool:
+        """Whether the request's action and resource are this statement's (conditions aside)."""
+        return self.covers_action(request.action) and self._resource_matches(request.secret)
+
+    def covers_action(self, action: str) -> bool:
+        action = _qualified(action)
         hit = any(_matches(pattern, action, ignore_case=True) for pattern in self.actions)
-        if hit == self.not_action:
-            return False
-        if not self._resource_matches(request.secret):
-            return False
-        return all(_condition_holds(condition, context) for condition in self.conditions)
+        return hit != self.not_action
 
     def _resource_matches(self, secret) -> bool:
         candidates = ("*",) if secret is None else (secret.arn, secret.name)
@@ -590,16 +594,9 @@ class PolicySet:
             policies.append(self.resource[secret.secret_id])
         for policy in policies:
             for statement in policy.statements:
-                if statement.allow and _ignoring_conditions(statement).matches(
-                        request, lambda key: None):
+                if statement.allow and statement.covers(request):
                     return True
         return False
-
-
-def _ignoring_conditions(statement: Statement) -> Statement:
-    return Statement(statement.sid, statement.allow, statement.actions, statement.not_action,
-                     statement.resources, statement.not_resource, statement.principals,
-                     statement.not_principal, ())
 
 
 # Condition keys that, with a positive operator, narrow who is asking.
@@ -622,12 +619,9 @@ def grants_public_read(policy: Policy) -> bool:
     """Whether a resource policy lets everyone ("*", or everyone but a few) read the
     secret's value: conditions count only when they narrow who is asking."""
     for statement in policy.statements:
-        if not statement.allow or not _reaches_everyone(statement):
-            continue
-        for action in _READ_ACTIONS:
-            hit = any(_matches(pattern, action, ignore_case=True) for pattern in statement.actions)
-            if hit != statement.not_action:
-                return True
+        if statement.allow and _reaches_everyone(statement) and any(
+                statement.covers_action(action) for action in _READ_ACTIONS):
+            return True
     return False
 
 
@@ -644,16 +638,13 @@ class Authorizer:
     """Who is asking, the decision, and its audit record: one call per access check."""
 
     def __init__(self, *, audit=None, clock: Callable[[], datetime] | None = None):
-        from secretfs.identity import IdentityCache
-
         self.policies = PolicySet()
-        self.identities = IdentityCache()
         self.audit = audit
         self.clock = clock or (lambda: datetime.now(UTC))
 
     def decide(self, caller, action: str, secret=None, *, stages: tuple[str, ...] = (),
                version_id: str | None = None) -> tuple[Decision, Identity]:
-        who = self.identities.identify(caller)
+        who = Identity(caller)
         request = Request(action, secret, tuple(stages), version_id, self.clock())
         return self.policies.decide(who, request), who
 
@@ -679,7 +670,7 @@ class Authorizer:
         """One audit record for a change that succeeded: what it changed, never a value."""
         if self.audit is None:
             return
-        who = self.identities.identify(caller)
+        who = Identity(caller)
         record = decision_event(who, action, None, Decision(True, "mutation"))
         resources = {key: result[source] for key, source in (
             ("arn", "ARN"), ("name", "Name"), ("versionId", "VersionId"),

@@ -1020,12 +1020,12 @@ class SecretsManagerService:
                              "Started": self.now().timestamp(), "Attempts": 0}
         return version_id
 
-    def _next_rotation(self, config: dict, last_rotated: float | None = None) -> float | None:
+    def _next_rotation(self, config: dict) -> float | None:
         rules = config.get("RotationRules")
         if not config.get("Enabled") or not rules:
             return None
         parsed = schedule.RotationRules.from_api(rules)
-        last = config.get("LastRotatedDate") if last_rotated is None else last_rotated
+        last = config.get("LastRotatedDate")
         when = parsed.next_rotation(
             self.now(), last_rotated=None if last is None else datetime.fromtimestamp(last, UTC),
             rng=self._rng)
@@ -1057,7 +1057,7 @@ class SecretsManagerService:
         config = dict(secret.rotation or {})
         now = self.now().timestamp()
         config.update(LastRotatedDate=now, Pending=None)
-        config["NextRotationDate"] = self._next_rotation(config, last_rotated=now)
+        config["NextRotationDate"] = self._next_rotation(config)
         writer.update_secret(secret.secret_id, rotation=config)
 
     # --- for the rotation runner ---------------------------------------------------------
@@ -1113,11 +1113,10 @@ class SecretsManagerService:
             config["Pending"] = pending
             writer.update_secret(fresh.secret_id, rotation=config)
 
-        self._mutate(secret_id, change)
+        _, after = self._mutate(secret_id, change)
         if error is not None:
-            self.authorizer.record_mutation(SYSTEM, "RotationStepFailed", {}, {
-                "ARN": self.catalog.row(secret_id).arn if self.catalog.row(secret_id) else "",
-                "VersionId": token})
+            self.authorizer.record_mutation(SYSTEM, "RotationStepFailed", {},
+                                            self._named(after, token))
 
     # --- access policies -----------------------------------------------------------
 
@@ -1161,7 +1160,7 @@ class SecretsManagerService:
         with self._mutation_lock:
             self._mutate(secret.secret_id, change)
             self._load_policies()
-        return {"ARN": secret.arn, "Name": secret.name}
+        return self._named(secret)
 
     def get_resource_policy(self, caller: Caller, SecretId, PolicyName=None):
         secret = self._secret(SecretId)
@@ -1255,42 +1254,39 @@ class SecretsManagerService:
 
     # --- for the filesystem -------------------------------------------------------
 
-    def authorize_read(self, caller: Caller, secret: Secret, version_id: str) -> None:
+    def authorize_read(self, caller: Caller, secret: Secret, version_id: str, *,
+                       probe: bool = False) -> bool:
         """The open() of a version's file is a GetSecretValue of that version; its
-        stages are the secretsmanager:VersionStage values."""
-        self._authorize(caller, "GetSecretValue", secret, version_id=version_id,
-                        stages=tuple(secret.stages_of(version_id)))
+        stages are the secretsmanager:VersionStage values. A probe (access(2)) answers
+        instead of raising."""
+        return self.authorizer.check(
+            caller, "GetSecretValue", secret, version_id=version_id,
+            stages=tuple(secret.stages_of(version_id)), probe=probe).allowed
 
-    def authorize_listing(self, caller: Caller, secret: Secret) -> None:
+    def _listing_request(self, caller: Caller, secret: Secret) -> tuple[str, dict]:
+        """Seeing a secret's name takes DescribeSecret or, failing that, a read of its
+        AWSCURRENT: the action (and request) that decides it for this caller."""
+        if self.authorizer.allows(caller, "DescribeSecret", secret):
+            return "DescribeSecret", {}
+        return "GetSecretValue", {"stages": (AWSCURRENT,)}
+
+    def authorize_listing(self, caller: Caller, secret: Secret, *, probe: bool = False) -> bool:
         """Opening a secret's directory: allowed to whoever may describe or read it."""
-        if not self.authorizer.allows(caller, "DescribeSecret", secret):
-            self._authorize(caller, "GetSecretValue", secret, stages=(AWSCURRENT,),
-                            event="OpenDirectory")
-        elif self.authorizer.audit is not None:
-            self._authorize(caller, "DescribeSecret", secret, event="OpenDirectory")
+        action, request = self._listing_request(caller, secret)
+        return self.authorizer.check(caller, action, secret, event="OpenDirectory",
+                                     probe=probe, **request).allowed
 
     def may_see(self, caller: Caller, secret: Secret) -> bool:
         """Whether a secret's name belongs in this caller's listings (not audited)."""
-        return caller.is_root or self.authorizer.allows(caller, "DescribeSecret", secret) or \
-            self.authorizer.allows(caller, "GetSecretValue", secret, stages=(AWSCURRENT,))
+        if caller.is_root:
+            return True
+        action, request = self._listing_request(caller, secret)
+        return action == "DescribeSecret" or self.authorizer.allows(
+            caller, action, secret, **request)
 
     def may_be_shared(self, secret: Secret) -> bool:
         """Whether a policy may let someone other than root read this secret."""
         return self.authorizer.policies.may_grant_read(secret)
-
-    def probe_read(self, caller: Caller, secret: Secret, version_id: str) -> bool:
-        """access(2) R_OK on a version: the decision open() would make, audited as a probe."""
-        return self.authorizer.check(
-            caller, "GetSecretValue", secret, version_id=version_id,
-            stages=tuple(secret.stages_of(version_id)), probe=True).allowed
-
-    def probe_listing(self, caller: Caller, secret: Secret) -> bool:
-        """access(2) R_OK on a secret's directory: the decision opendir() would make."""
-        if self.authorizer.allows(caller, "DescribeSecret", secret):
-            return self.authorizer.check(caller, "DescribeSecret", secret,
-                                         event="OpenDirectory", probe=True).allowed
-        return self.authorizer.check(caller, "GetSecretValue", secret, stages=(AWSCURRENT,),
-                                     event="OpenDirectory", probe=True).allowed
 
     def read_version(self, secret: Secret, version_id: str) -> bytes:
         """The plaintext of one version; DecryptionFailure if its row was tampered with."""

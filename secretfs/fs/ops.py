@@ -154,10 +154,26 @@ class SecretsOperations(pyfuse3.Operations):
         secret = self.layout.secret_at(path)
         if secret is not None and self.service.may_see(caller, secret):
             return True
-        catalog = self.service.catalog
-        return any(self.service.may_see(caller, catalog.get(secret_id))
-                   for _, secret_id in catalog.live_below(path)
-                   if catalog.get(secret_id) is not None)
+        return any(self._sees(caller, secret_id)
+                   for _, secret_id in self.service.catalog.live_below(path))
+
+    def _sees(self, caller: Caller, secret_id: int) -> bool:
+        secret = self.service.catalog.get(secret_id)
+        return secret is not None and self.service.may_see(caller, secret)
+
+    def _listing_secret(self, caller: Caller, node: L.Node) -> Secret | None:
+        """The secret whose listing rights opening (or access(2) on) a directory
+        decides, if any. A directory a caller sees only because of secrets below it
+        that it may see is no decision about the secret it also is."""
+        if node[0] in (L.VERSIONS, L.KEYS, L.BY_VERSION):
+            return self.layout.secret(node[1])
+        if node[0] != L.DIR:
+            return None
+        secret = self.layout.secret_at(node[1])
+        if secret is None or self.service.may_see(caller, secret) \
+                or not self._visible(caller, node[1]):
+            return secret
+        return None
 
     @_fuse_handler
     async def getattr(self, inode, ctx=None):
@@ -185,14 +201,9 @@ class SecretsOperations(pyfuse3.Operations):
             # A JSON value's key names are content: listing them is a read.
             secret, version_id = self.layout.version_of(node)
             self.service.authorize_read(caller, secret, version_id)
-        elif node[0] != L.DIR:
-            self.service.authorize_listing(caller, self.layout.secret(node[1]))
         else:
-            secret = self.layout.secret_at(node[1])
-            # A secret's directory is an access decision (audited); a directory seen
-            # only because of visible secrets below it is not one about this secret.
-            if secret is not None and (caller.is_root or self.service.may_see(caller, secret)
-                                       or not self._visible(caller, node[1])):
+            secret = self._listing_secret(caller, node)
+            if secret is not None:
                 self.service.authorize_listing(caller, secret)
         entries = self.layout.children(node)
         if node[0] == L.DIR and not caller.is_root:
@@ -223,10 +234,7 @@ class SecretsOperations(pyfuse3.Operations):
         prefix_length = len(path) + 1 if path else 0
         for below, secret_id in catalog.live_below(path):
             segment = below[prefix_length:].split("/", 1)[0]
-            if segment in visible_children:
-                continue
-            found = catalog.get(secret_id)
-            if found is not None and self.service.may_see(caller, found):
+            if segment not in visible_children and self._sees(caller, secret_id):
                 visible_children.add(segment)
         return [(name, node) for name, node in entries
                 if (node[0] == L.DIR and name in visible_children)
@@ -276,14 +284,10 @@ class SecretsOperations(pyfuse3.Operations):
             return True
         if kind in (L.VERSION, L.KEY, L.VERSION_KEYS):
             secret, version_id = self.layout.version_of(node)
-            return self.service.probe_read(caller, secret, version_id)
-        if kind in (L.VERSIONS, L.KEYS, L.BY_VERSION):
-            return self.service.probe_listing(caller, self.layout.secret(node[1]))
-        if kind == L.DIR:
-            secret = self.layout.secret_at(node[1])
-            if secret is not None and (caller.is_root or self.service.may_see(caller, secret)
-                                       or not self._visible(caller, node[1])):
-                return self.service.probe_listing(caller, secret)
+            return self.service.authorize_read(caller, secret, version_id, probe=True)
+        secret = self._listing_secret(caller, node)
+        if secret is not None:
+            return self.service.authorize_listing(caller, secret, probe=True)
         return True
 
     async def statfs(self, ctx):
