@@ -388,3 +388,17 @@ def test_readers_never_see_a_partial_or_missing_value_during_rotations(daemon, t
         assert set(result["seen"][whole]) <= values  # only whole, known versions
         assert set(result["seen"][key]) <= passwords
         assert len(result["seen"][whole]) > 1  # the rotations were visible
+
+
+def test_a_rotator_this_host_cannot_run_fails_its_step_and_harms_nothing(env, call):
+    """RotateSecret accepts python: rotators, which the runner can't run yet: the
+    rotation fails at createSecret like a failing step, and the runner goes on."""
+    call("CreateSecret", Name="app", SecretString="p0")
+    call("RotateSecret", SecretId="app", RotationLambdaARN="python:rotate.handler:main",
+         ClientRequestToken=TOKEN)
+    secret_id = env.service.catalog.id_by_name("app")
+    assert not trio.run(RotationRunner(env.service).rotate, secret_id)
+    pending = env.service.catalog.get(secret_id).rotation["Pending"]
+    assert pending["Error"].startswith("createSecret: InvalidRequestException:")
+    assert pending["Attempts"] == 1
+    assert call("GetSecretValue", SecretId="app")["SecretString"] == "p0"

@@ -49,7 +49,10 @@ class RotationRunner:
         while True:
             self._wake = trio.Event()
             for secret_id in await self._thread(self.service.rotations_due):
-                await self.rotate(secret_id)
+                try:
+                    await self.rotate(secret_id)
+                except Exception:  # one secret's trouble must not stop the others
+                    log.exception("rotation of secret %d failed", secret_id)
             due = await self._thread(self.service.next_rotation_due)
             delay = IDLE_WAKE if due is None else (due - self.service.now()).total_seconds()
             with trio.move_on_after(min(max(delay, 0.0), IDLE_WAKE)):
@@ -65,12 +68,14 @@ class RotationRunner:
         if opened is None:
             return False
         token, done = opened["Token"], opened["Step"]
-        rotator = self._rotators(opened["Rotator"])
         secret_arn = self.service.catalog.row(secret_id).arn
         remaining = STEPS[STEPS.index(done) + 1:] if done in STEPS else STEPS
         for step in remaining:
             event = {"Step": step, "SecretId": secret_arn, "ClientRequestToken": token}
             try:
+                # A rotator that can't be had (one this host doesn't run) fails its
+                # step like any other failure: recorded, retried, the daemon unharmed.
+                rotator = self._rotators(opened["Rotator"])
                 await self._thread(rotator.run, event, self._client)
             except Exception as error:  # a rotator's failure, not ours: record, retry later
                 log.warning("rotation of %s failed at %s: %s", secret_arn, step, error)
