@@ -170,9 +170,12 @@ def test_the_daemon_rotates_and_the_mount_shows_the_new_value(daemon):
     assert "LastRotatedDate" in described and "NextRotationDate" in described
 
 
-EXEC_ROTATOR = '''#!{python}
-"""A rotator in the exec protocol: the event on stdin, the secretfs command for I/O."""
-import json, subprocess, sys
+
+
+ROTATOR_SCRIPT = '''#!{python}
+"""A rotator in the exec protocol: the event on stdin, the secretfs command for I/O.
+It logs each step, may fail at one step, and may (once) wait at one to be killed."""
+import json, os, subprocess, sys, time
 
 event = json.load(sys.stdin)
 step, secret, token = event["Step"], event["SecretId"], event["ClientRequestToken"]
@@ -180,6 +183,9 @@ with open({log!r}, "a") as log:
     log.write(step + "\\n")
 if step == {fail!r}:
     sys.exit(3)
+if step == {pause!r} and not os.path.exists({paused!r}):
+    open({paused!r}, "w").close()
+    time.sleep(60)
 
 def cli(*args):
     out = subprocess.run([{python!r}, "-m", "secretfs.cli", *args], check=True,
@@ -187,23 +193,31 @@ def cli(*args):
     return json.loads(out or b"{{}}")
 
 if step == "createSecret":
-    cli("put-secret-value", "--secret-id", secret, "--client-request-token", token,
-        "--secret-string", "rotated-by-exec", "--version-stages", "AWSPENDING")
+    try:
+        cli("get-secret-value", "--secret-id", secret, "--version-id", token,
+            "--version-stage", "AWSPENDING")
+    except subprocess.CalledProcessError:
+        cli("put-secret-value", "--secret-id", secret, "--client-request-token", token,
+            "--secret-string", {value!r}.format(token=token), "--version-stages", "AWSPENDING")
 elif step == "finishSecret":
     stages = cli("describe-secret", "--secret-id", secret)["VersionIdsToStages"]
     current = next(v for v, s in stages.items() if "AWSCURRENT" in s)
-    cli("update-secret-version-stage", "--secret-id", secret, "--version-stage",
-        "AWSCURRENT", "--move-to-version-id", token, "--remove-from-version-id", current)
+    if current != token:
+        cli("update-secret-version-stage", "--secret-id", secret, "--version-stage",
+            "AWSCURRENT", "--move-to-version-id", token, "--remove-from-version-id", current)
 '''
 
 
-def _exec_rotator(tmp_path, *, fail: str | None = None):
+def _exec_rotator(tmp_path, *, fail: str | None = None, pause: str | None = None,
+                  value: str = "rotated-by-exec"):
+    """The rotator program, its step log, and the file it touches when it pauses."""
     import sys
 
-    program, log = tmp_path / "rotate.py", tmp_path / "steps.log"
-    program.write_text(EXEC_ROTATOR.format(python=sys.executable, log=str(log), fail=fail))
+    program, log, paused = tmp_path / "rotate.py", tmp_path / "steps.log", tmp_path / "paused"
+    program.write_text(ROTATOR_SCRIPT.format(python=sys.executable, log=str(log), fail=fail,
+                                             pause=pause, paused=str(paused), value=value))
     program.chmod(0o755)
-    return program, log
+    return program, log, paused
 
 
 def _wait_for(predicate, seconds: float = 15.0) -> bool:
@@ -219,7 +233,7 @@ def _wait_for(predicate, seconds: float = 15.0) -> bool:
 
 @pytest.mark.mount
 def test_an_exec_rotator_rotates_through_the_control_socket(daemon, tmp_path):
-    program, log = _exec_rotator(tmp_path)
+    program, log, _ = _exec_rotator(tmp_path)
     daemon.call("create-secret", "--name", "svc/token", "--secret-string", "before")
     started = daemon.call("rotate-secret", "--secret-id", "svc/token",
                           "--rotation-lambda-arn", f"exec:{program}")
@@ -232,7 +246,7 @@ def test_an_exec_rotator_rotates_through_the_control_socket(daemon, tmp_path):
 
 @pytest.mark.mount
 def test_an_exec_rotator_failing_at_test_secret_leaves_awscurrent(daemon, tmp_path):
-    program, log = _exec_rotator(tmp_path, fail="testSecret")
+    program, log, _ = _exec_rotator(tmp_path, fail="testSecret")
     daemon.call("create-secret", "--name", "svc/token", "--secret-string", "before")
     started = daemon.call("rotate-secret", "--secret-id", "svc/token",
                           "--rotation-lambda-arn", f"exec:{program}")
@@ -250,37 +264,6 @@ def test_an_exec_rotator_failing_at_test_secret_leaves_awscurrent(daemon, tmp_pa
     assert failed.returncode != 0 and b"InvalidRequestException" in failed.stderr
 
 
-PAUSING_ROTATOR = '''#!{python}
-"""Reports each step, and at one step (once) waits to be killed mid-step."""
-import json, os, subprocess, sys, time
-
-event = json.load(sys.stdin)
-step, secret, token = event["Step"], event["SecretId"], event["ClientRequestToken"]
-with open({log!r}, "a") as log:
-    log.write(step + "\\n")
-if step == {pause!r} and not os.path.exists({paused!r}):
-    open({paused!r}, "w").close()
-    time.sleep(60)
-
-def cli(*args):
-    out = subprocess.run([{python!r}, "-m", "secretfs.cli", *args], check=True,
-                         capture_output=True).stdout
-    return json.loads(out or b"{{}}")
-
-if step == "createSecret":
-    try:
-        cli("get-secret-value", "--secret-id", secret, "--version-id", token,
-            "--version-stage", "AWSPENDING")
-    except subprocess.CalledProcessError:
-        cli("put-secret-value", "--secret-id", secret, "--client-request-token", token,
-            "--secret-string", "after-" + token, "--version-stages", "AWSPENDING")
-elif step == "finishSecret":
-    stages = cli("describe-secret", "--secret-id", secret)["VersionIdsToStages"]
-    current = next(v for v, s in stages.items() if "AWSCURRENT" in s)
-    if current != token:
-        cli("update-secret-version-stage", "--secret-id", secret, "--version-stage",
-            "AWSCURRENT", "--move-to-version-id", token, "--remove-from-version-id", current)
-'''
 
 
 @pytest.mark.mount
@@ -292,12 +275,8 @@ def test_a_daemon_killed_during_each_step_completes_the_rotation_after_restart(
     token and ends with exactly one new version, labelled where AWS would put them."""
     import signal
     import subprocess
-    import sys
 
-    program, log, paused = tmp_path / "rotate.py", tmp_path / "steps.log", tmp_path / "paused"
-    program.write_text(PAUSING_ROTATOR.format(python=sys.executable, log=str(log),
-                                              pause=step, paused=str(paused)))
-    program.chmod(0o755)
+    program, log, paused = _exec_rotator(tmp_path, pause=step, value="after-{token}")
     first = daemon.call("create-secret", "--name", "crash/me", "--secret-string", "before")
     started = daemon.call("rotate-secret", "--secret-id", "crash/me",
                           "--rotation-lambda-arn", f"exec:{program}")
