@@ -229,10 +229,11 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                 await nursery.start(audit.run)
                 limiter = trio.CapacityLimiter(8)
                 await nursery.start(functools.partial(
-                    serve_unix, service, state.socket, limiter=limiter))
+                    serve_unix, service, state.socket, limiter=limiter,
+                    sessions=service.sessions))
                 nursery.start_soon(_housekeeping, service)
                 runner = RotationRunner(service, rotators=functools.partial(
-                    rotator_for, state_dir=str(state.root)))
+                    rotator_for, state_dir=str(state.root), region=service.region))
                 service.rotation_listeners.append(_waker(runner))
                 await nursery.start(runner.run)
                 nursery.start_soon(_stop_on_signal, pyfuse3)

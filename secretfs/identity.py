@@ -15,7 +15,9 @@ import contextlib
 import grp
 import os
 import pwd
+import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -23,6 +25,7 @@ FUSE = "fuse"
 UNIX_SOCKET = "unix-socket"
 HTTPS = "https"
 INTERNAL = "internal"
+ROTATION = "rotation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +37,46 @@ class Caller:
     # Set by network transports: the access key and the client's address.
     access_key: str | None = None
     address: str | None = None
+    # A rotator at work: the rotator's name (its principal is `rotator:<name>`) and the
+    # ARN of the secret it is rotating. A rotator has no Unix identity of its own.
+    rotator: str | None = None
+    scope: str | None = None
 
     @property
     def is_root(self) -> bool:
-        return self.uid == 0
+        return self.uid == 0 and self.rotator is None
+
+
+def rotator_caller(rotator: str, secret_arn: str) -> Caller:
+    """The principal a rotator acts as while it rotates one secret."""
+    return Caller(uid=-1, gid=-1, pid=0, source=ROTATION, rotator=rotator, scope=secret_arn)
+
+
+# The header (and environment variable) a rotator run as its own process uses to
+# call the API back as its rotation's principal rather than as its Unix uid.
+ROTATION_TOKEN_HEADER = "X-Secretfs-Rotation-Token"
+ROTATION_TOKEN_ENV = "SECRETFS_ROTATION_TOKEN"
+
+
+class Sessions:
+    """Bearer tokens that stand for a caller while a piece of work runs: the token of
+    a rotation step is handed to the rotator's process (the event's RotationToken),
+    and vanishes when the step ends. Nothing is written down."""
+
+    def __init__(self):
+        self._callers: dict[str, Caller] = {}
+
+    @contextlib.contextmanager
+    def issued(self, caller: Caller) -> Iterator[str]:
+        token = secrets.token_urlsafe(32)
+        self._callers[token] = caller
+        try:
+            yield token
+        finally:
+            self._callers.pop(token, None)
+
+    def caller(self, token: str) -> Caller | None:
+        return self._callers.get(token)
 
 
 # The daemon's own background work (deletion purges, later rotation) acts as this.
@@ -176,5 +215,7 @@ class Identity:
 
     def describe(self) -> dict:
         """The identity for an audit record (resolves every attribute)."""
+        if self.caller.rotator is not None:
+            return {"rotator": self.caller.rotator}
         return {"uid": self.uid, "gid": self.gid, "user": self.user, "pid": self.pid,
                 "exe": self.exe, "unit": self.unit}

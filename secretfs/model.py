@@ -114,6 +114,12 @@ class AccessDeniedException(SecretsManagerError):
     code, status, errno = "AccessDeniedException", 400, errno.EACCES
 
 
+class UnrecognizedClientException(SecretsManagerError):
+    """The credentials in the request (a key, a token) stand for no one."""
+
+    code, status, errno = "UnrecognizedClientException", 400, errno.EACCES
+
+
 class ValidationException(SecretsManagerError):
     """The request does not satisfy the constraints of the API."""
 

@@ -5,13 +5,14 @@ Two kinds of documents, both IAM JSON (`Version`, `Statement[]` with `Sid`,
 
 - identity policies, attached to a principal (`uid:1000`, `user:alice`,
   `gid:33`, `group:www-data`, `unit:nginx.service`, `cgroup:/system.slice/*`,
-  `exe:/usr/bin/app`) — they have no `Principal` element;
+  `exe:/usr/bin/app`, and `rotator:<name>` for the rotators of issue-style
+  rotation, e.g. `rotator:secretfs:postgresql-*`) — they have no `Principal` element;
 - a resource policy on one secret, whose statements name who they apply to in
   `Principal` (`"*"` or `{"Unix": [...]}` with the same principal forms).
 
 The decision, as IAM evaluates within one account:
 
-1. uid 0 is the administrator: allowed, decided by "root".
+1. uid 0 is the administrator: allowed, decided by "root". A rotator is never root.
 2. Collect the statements that apply: those of every identity policy whose
    principal matches the caller, and those of the secret's resource policy
    whose `Principal` matches the caller.
@@ -19,7 +20,11 @@ The decision, as IAM evaluates within one account:
    condition match (`NotAction`/`NotResource` match what they don't name).
 4. Any matching Deny decides: denied (an explicit Deny beats every Allow).
 5. Otherwise any matching Allow decides: allowed.
-6. Otherwise: denied by default ("implicit-deny").
+6. Otherwise a rotator is allowed what rotating its one secret takes (DescribeSecret,
+   GetSecretValue, PutSecretValue and UpdateSecretVersionStage on that secret, and
+   GetRandomPassword), as AWS's rotation role grants: "rotation-session". Anything
+   else it needs (the master secret of alternating users) takes a policy.
+7. Otherwise: denied by default ("implicit-deny").
 
 Actions without a resource (ListSecrets, GetRandomPassword, BatchGetSecretValue)
 are matched against the resource "*", so only statements with `Resource: "*"`
@@ -47,7 +52,10 @@ POLICY_MAX = 20480
 VERSIONS = ("2012-10-17", "2008-10-17")
 _STATEMENT_KEYS = {"Sid", "Effect", "Action", "NotAction", "Resource", "NotResource",
                    "Principal", "NotPrincipal", "Condition"}
-_PRINCIPAL_KINDS = ("uid", "user", "gid", "group", "unit", "cgroup", "exe")
+_PRINCIPAL_KINDS = ("uid", "user", "gid", "group", "unit", "cgroup", "exe", "rotator")
+# What a rotator may do to the secret it rotates without any policy saying so.
+ROTATION_SESSION_ACTIONS = frozenset({
+    "DescribeSecret", "GetSecretValue", "PutSecretValue", "UpdateSecretVersionStage"})
 
 # Condition keys this service provides; the part after '/' of a tag key is free.
 CONDITION_KEYS = {
@@ -58,6 +66,7 @@ CONDITION_KEYS = {
     "secretfs:uid": "numeric", "secretfs:gid": "numeric", "secretfs:user": "string",
     "secretfs:group": "string", "secretfs:pid": "numeric", "secretfs:exe": "string",
     "secretfs:unit": "string", "secretfs:cgroup": "string", "secretfs:source": "string",
+    "secretfs:rotator": "string",
 }
 _TAG_KEY_PREFIXES = ("secretsmanager:resourcetag/", "aws:resourcetag/")
 
@@ -158,6 +167,10 @@ def principal_matches(principal: tuple[str, str], who: Identity) -> bool:
     kind, value = principal
     if kind == "*":
         return True
+    rotator = who.caller.rotator
+    if kind == "rotator" or rotator is not None:
+        # Rotators are matched by name only; they have no Unix identity to match.
+        return kind == "rotator" and rotator is not None and _matches(value, rotator)
     if kind == "uid":
         return who.uid == int(value)
     if kind == "gid":
@@ -520,8 +533,8 @@ def _context(who: Identity, request: Request) -> Callable[[str], tuple | None]:
             "secretsmanager:versionstage": lambda: request.stages or None,
             "secretsmanager:versionid": lambda: (request.version_id,)
             if request.version_id else None,
-            "secretfs:uid": lambda: (who.uid,),
-            "secretfs:gid": lambda: tuple(sorted(who.gids)),
+            "secretfs:uid": lambda: (who.uid,) if who.uid >= 0 else None,
+            "secretfs:gid": lambda: tuple(sorted(who.gids)) if who.gid >= 0 else None,
             "secretfs:user": lambda: (who.user,) if who.user else None,
             "secretfs:group": lambda: tuple(sorted(who.groups)) or None,
             "secretfs:pid": lambda: (who.pid,) if who.pid > 0 else None,
@@ -529,6 +542,7 @@ def _context(who: Identity, request: Request) -> Callable[[str], tuple | None]:
             "secretfs:unit": lambda: (who.unit,) if who.unit else None,
             "secretfs:cgroup": lambda: (who.cgroup,) if who.cgroup else None,
             "secretfs:source": lambda: (who.source,),
+            "secretfs:rotator": lambda: (who.caller.rotator,) if who.caller.rotator else None,
         }
         return lookup[key]()
 
@@ -547,7 +561,7 @@ class PolicySet:
                             for principal, name in self.identity}
 
     def decide(self, who: Identity, request: Request) -> Decision:
-        if who.uid == 0:
+        if who.caller.is_root:
             return Decision(True, "root")
         context = _context(who, request)
         allowed_by = None
@@ -566,7 +580,7 @@ class PolicySet:
             if found is not None and not found.allowed:
                 return found
             allowed_by = allowed_by or found
-        return allowed_by or Decision(False, "implicit-deny")
+        return allowed_by or _rotation_session(who, request) or Decision(False, "implicit-deny")
 
     @staticmethod
     def _evaluate(policy: Policy, who: Identity, request: Request, context,
@@ -599,6 +613,19 @@ class PolicySet:
         return False
 
 
+def _rotation_session(who: Identity, request: Request) -> Decision | None:
+    """A rotator's standing grant: what rotating its own secret takes."""
+    caller = who.caller
+    if caller.rotator is None:
+        return None
+    if request.secret is None:
+        granted = request.action == "GetRandomPassword"
+    else:
+        granted = (request.action in ROTATION_SESSION_ACTIONS
+                   and request.secret.arn == caller.scope)
+    return Decision(True, "rotation-session") if granted else None
+
+
 # Condition keys that, with a positive operator, narrow who is asking.
 _CALLER_KEYS = {"secretfs:uid", "secretfs:gid", "secretfs:user", "secretfs:group",
                 "secretfs:unit", "secretfs:cgroup", "secretfs:exe", "secretfs:pid",
@@ -628,9 +655,12 @@ def grants_public_read(policy: Policy) -> bool:
 def deny(decision: Decision, who: Identity, action: str, resource: str | None) -> None:
     if not decision.allowed:
         target = f" on resource: {resource}" if resource else ""
-        user = f" ({who.user})" if who.user else ""
+        if who.caller.rotator is not None:
+            principal = f"rotator {who.caller.rotator}"
+        else:
+            principal = f"uid {who.uid}" + (f" ({who.user})" if who.user else "")
         raise AccessDeniedException(
-            f"uid {who.uid}{user} is not authorized to perform: {_qualified(action)}"
+            f"{principal} is not authorized to perform: {_qualified(action)}"
             f"{target} ({decision.decided_by})")
 
 

@@ -28,7 +28,7 @@ from secretfs import model, policy
 from secretfs.catalog import Catalog
 from secretfs.crypto import KeyProvider
 from secretfs.crypto.envelope import Sealed, seal, unseal
-from secretfs.identity import SYSTEM, Caller
+from secretfs.identity import SYSTEM, Caller, Sessions
 from secretfs.model import (
     AWSCURRENT,
     AWSPENDING,
@@ -99,6 +99,8 @@ class SecretsManagerService:
         self._policy_listeners: list[Callable[[], None]] = []
         # Told when a rotation was requested, so the runner need not wait its turn.
         self.rotation_listeners: list[Callable[[], None]] = []
+        # Rotation steps in progress, by the RotationToken handed to their rotator.
+        self.sessions = Sessions()
         self.policy_generation = 0
         self._load_policies()
 
@@ -108,6 +110,8 @@ class SecretsManagerService:
         if action not in self.AWS_ACTIONS and action not in self.EXTENSION_ACTIONS:
             raise model.UnknownOperationException(f"Unknown action {action!r}.")
         method = getattr(self, _snake(action))
+        if action == "PutSecretValue" and params.get("RotationToken") is not None:
+            caller = self._rotation_caller(params["RotationToken"])
         try:
             bound = inspect.signature(method).bind(caller, **params)
         except TypeError as error:
@@ -119,6 +123,15 @@ class SecretsManagerService:
         if action in self.MUTATIONS:
             self.authorizer.record_mutation(caller, action, params, result)
         return result
+
+    def _rotation_caller(self, token: str) -> Caller:
+        """PutSecretValue's RotationToken: as in AWS, the call is made as the rotation's
+        principal the token stands for, and a token that stands for none is refused."""
+        found = self.sessions.caller(token)
+        if found is None:
+            raise model.AccessDeniedException(
+                "The RotationToken doesn't belong to a rotation step in progress.")
+        return found
 
     def _authorize(self, caller: Caller, action: str, secret: Secret | None = None,
                    **request) -> None:

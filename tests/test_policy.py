@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from secretfs.identity import FUSE, HTTPS, SYSTEM, UNIX_SOCKET, Caller, Identity
+from secretfs.identity import FUSE, HTTPS, SYSTEM, UNIX_SOCKET, Caller, Identity, rotator_caller
 from secretfs.model import (
     AccessDeniedException,
     InvalidParameterException,
@@ -36,6 +36,7 @@ ARN_PREFIX = "arn:aws:secretsmanager:us-east-1:123456789012:secret:"
 NOW = datetime(2024, 5, 6, 15, 30, 12, tzinfo=UTC)
 # A uid with no passwd entry: its identity resolves to no user name and no group names.
 STRANGER = Caller(uid=54321, gid=54321, pid=0, source=UNIX_SOCKET)
+ROTATING_NAME = "prod/rotating"
 
 
 # --- building blocks ---------------------------------------------------------------------
@@ -61,6 +62,11 @@ def identity(uid: int = 1000, gid: int = 1000, *, user: str | None = "alice",
         groups=frozenset({"alice", "sudo"} if groups is None else groups),
         exe=exe, cgroup=cgroup, unit=unit)
     return who
+
+
+ROTATING = {"name": ROTATING_NAME, "secret_id": 2}
+ROTATOR = Identity(rotator_caller("secretfs:postgresql-single-user",
+                                  f"{ARN_PREFIX}{ROTATING_NAME}-AbCdEf"))
 
 
 def doc(*statements: dict) -> dict:
@@ -419,6 +425,37 @@ DECISIONS = [
      doc(everyone(allow(Sid="Svc", Condition={"StringEquals": {"secretfs:Unit":
                                                                   "app.service"}}))),
      identity(), GET, True, "resource-policy#Svc"),
+    # --- rotators: their own principal, a standing grant for the secret they rotate
+    ("a rotator reads the secret it rotates with no policy", {}, None, ROTATOR,
+     {"action": "GetSecretValue", "secret": ROTATING}, True, "rotation-session"),
+    ("a rotator writes the pending version of its secret", {}, None, ROTATOR,
+     {"action": "PutSecretValue", "secret": ROTATING}, True, "rotation-session"),
+    ("a rotator draws passwords", {}, None, ROTATOR,
+     {"action": "GetRandomPassword", "secret": None}, True, "rotation-session"),
+    ("a rotator may not delete the secret it rotates", {}, None, ROTATOR,
+     {"action": "DeleteSecret", "secret": ROTATING}, False, "implicit-deny"),
+    ("a rotator may not read another secret", {}, None, ROTATOR, GET, False, "implicit-deny"),
+    ("a rotator is not root, though its uid is none", {("uid:0", "p"): doc(allow())}, None,
+     ROTATOR, GET, False, "implicit-deny"),
+    ("a rotator principal's grant reaches another secret",
+     {("rotator:secretfs:postgresql-*", "m"): doc(allow("secretsmanager:GetSecretValue",
+                                                         Sid="Master"))},
+     None, ROTATOR, GET, True, "identity-policy rotator:secretfs:postgresql-*/m#Master"),
+    ("a rotator principal's grant is not another rotator's",
+     {("rotator:exec:*", "m"): doc(allow())}, None, ROTATOR, GET, False, "implicit-deny"),
+    ("a rotator principal matches no Unix caller",
+     {("rotator:*", "m"): doc(allow())}, None, identity(), GET, False, "implicit-deny"),
+    ("an explicit Deny beats a rotator's standing grant",
+     {("rotator:*", "d"): doc(deny("secretsmanager:PutSecretValue", Sid="Freeze"))}, None,
+     ROTATOR, {"action": "PutSecretValue", "secret": ROTATING}, False,
+     "identity-policy rotator:*/d#Freeze"),
+    ("a resource policy names a rotator in Principal", {},
+     doc(allow("secretsmanager:GetSecretValue", Sid="R",
+               Principal=unix("rotator:secretfs:postgresql-single-user"))),
+     ROTATOR, GET, True, "resource-policy#R"),
+    ("a rotator is matched by the secretfs:Rotator key",
+     {("rotator:*", "c"): doc(when({"StringLike": {"secretfs:Rotator": "secretfs:*"}}))},
+     None, ROTATOR, GET, True, "identity-policy rotator:*/c#Cond"),
 ]
 
 

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import string
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
+from secretfs.model import AccessDeniedException
 from secretfs.rotation import rotators
 from secretfs.rotation.runner import STEPS, RotationRunner
 
@@ -104,6 +109,88 @@ def test_a_restart_resumes_the_rotation_where_it_stood(env, call):
     assert len(restarted.call("ListSecretVersionIds", {"SecretId": "app",
                                                        "IncludeDeprecated": True},
                               _root())["Versions"]) == 2  # exactly one new version
+
+
+class ReadsAnother(Recording):
+    """A rotator that, at createSecret, also reads another secret (as alternating-users
+    rotators read the master secret)."""
+
+    def __init__(self, other: str):
+        super().__init__()
+        self.other = other
+
+    def run(self, event, client):
+        if event["Step"] == "createSecret":
+            client("GetSecretValue", {"SecretId": self.other})
+        super().run(event, client)
+
+
+def _policy(effect: str, action: str, resource: str) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": effect, "Action": f"secretsmanager:{action}", "Resource": resource}]})
+
+
+def test_a_rotator_acts_as_its_own_principal_and_policies_govern_it(env, call):
+    """Not as root: its own secret's rotation needs no policy, anything else does, and
+    an explicit Deny stops even what rotation needs."""
+    master = call("CreateSecret", Name="master", SecretString="m")["ARN"]
+    call("CreateSecret", Name="app", SecretString="p0")
+    call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
+         ClientRequestToken=TOKEN)
+    secret_id = env.service.catalog.id_by_name("app")
+    reader = ReadsAnother("master")
+    runner = RotationRunner(env.service, rotators=lambda name: reader)
+    assert not trio.run(runner.rotate, secret_id)
+    error = env.service.catalog.get(secret_id).rotation["Pending"]["Error"]
+    assert error.startswith("createSecret: AccessDeniedException: rotator "
+                            "secretfs:random-password is not authorized to perform: "
+                            "secretsmanager:GetSecretValue on resource: " + master)
+    # A policy for the rotator's principal grants what its own rotation does not.
+    call("PutIdentityPolicy", Principal="rotator:secretfs:random-*", PolicyName="master",
+         PolicyDocument=_policy("Allow", "GetSecretValue", master))
+    env.clock.advance(hours=1)
+    assert trio.run(runner.rotate, secret_id)
+    assert stages(call, "app")[TOKEN] == ["AWSCURRENT"]
+    # A Unix principal's grant is not the rotator's, and an explicit Deny wins over the
+    # rotation's own grant: the next rotation can't write its pending value.
+    call("PutIdentityPolicy", Principal="rotator:*", PolicyName="frozen",
+         PolicyDocument=_policy("Deny", "PutSecretValue", "*"))
+    call("RotateSecret", SecretId="app", ClientRequestToken=TOKEN.replace("1", "9"))
+    assert not trio.run(runner.rotate, secret_id)
+    error = env.service.catalog.get(secret_id).rotation["Pending"]["Error"]
+    assert "secretsmanager:PutSecretValue" in error
+    assert "identity-policy rotator:*/frozen" in error
+
+
+def test_a_rotation_token_stands_for_the_rotator_only_while_its_step_runs(env, call):
+    """PutSecretValue's RotationToken: the call is made as the rotation's principal
+    (AWS validates the identity with it), so even root is held to that secret."""
+    call("CreateSecret", Name="app", SecretString="p0")
+    call("CreateSecret", Name="other", SecretString="o0")
+    call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
+         ClientRequestToken=TOKEN)
+    seen = {}
+
+    class UsesToken(Recording):
+        def run(self, event, client):
+            token = event["RotationToken"]
+            seen["token"] = token
+            if event["Step"] == "createSecret":
+                with pytest.raises(AccessDeniedException, match="rotator secretfs:random"):
+                    call("PutSecretValue", SecretId="other", SecretString="x",
+                         RotationToken=token)
+                call("PutSecretValue", SecretId="app", ClientRequestToken=TOKEN,
+                     SecretString="via-token", VersionStages=["AWSPENDING"],
+                     RotationToken=token)
+            super().run(event, client)
+
+    runner = RotationRunner(env.service, rotators=lambda name: UsesToken())
+    assert trio.run(runner.rotate, env.service.catalog.id_by_name("app"))
+    assert call("GetSecretValue", SecretId="app")["SecretString"] == "via-token"
+    assert call("GetSecretValue", SecretId="other")["SecretString"] == "o0"
+    with pytest.raises(AccessDeniedException, match="RotationToken"):
+        call("PutSecretValue", SecretId="app", SecretString="late",
+             RotationToken=seen["token"])
 
 
 def _root():
@@ -242,6 +329,20 @@ def test_an_exec_rotator_rotates_through_the_control_socket(daemon, tmp_path):
     assert os.readlink(daemon.path("svc/token/AWSCURRENT")) == (
         "versions/" + started["VersionId"])
     assert log.read_text().split() == list(STEPS)
+    # Its calls through the socket were made as its principal, not as its Unix uid.
+    records = [json.loads(line) for line in daemon.cli(
+        "audit", "search", "--state-dir", str(daemon.state_dir)).stdout.splitlines()]
+    puts = [record for record in records if record["eventName"] == "PutSecretValue"
+            and record["decision"] == "allow" and not record.get("mutation")]
+    assert puts and all(record["userIdentity"] == {"rotator": f"exec:{program}"}
+                        and record["decidedBy"] == "rotation-session" for record in puts)
+    # A token that belongs to no step in progress is refused, not taken for the uid.
+    refused = subprocess.run([sys.executable, "-m", "secretfs.cli", "list-secrets"],
+                             capture_output=True, env=dict(
+                                 os.environ, SECRETFS_STATE_DIR=str(daemon.state_dir),
+                                 SECRETFS_ROTATION_TOKEN="not-a-token"))
+    assert refused.returncode == 254
+    assert b"UnrecognizedClientException" in refused.stderr
 
 
 @pytest.mark.mount
@@ -369,15 +470,74 @@ def test_readers_never_see_a_partial_or_missing_value_during_rotations(daemon, t
         assert len(result["seen"][whole]) > 1  # the rotations were visible
 
 
-def test_a_rotator_this_host_cannot_run_fails_its_step_and_harms_nothing(env, call):
-    """RotateSecret accepts python: rotators, which the runner can't run yet: the
-    rotation fails at createSecret like a failing step, and the runner goes on."""
+def test_a_rotator_that_cannot_start_fails_its_step_and_harms_nothing(env, call):
+    """A python: rotator whose module isn't there fails at createSecret like any failing
+    step, with the exception's class (never its message) as the error."""
     call("CreateSecret", Name="app", SecretString="p0")
-    call("RotateSecret", SecretId="app", RotationLambdaARN="python:rotate.handler:main",
+    call("RotateSecret", SecretId="app", RotationLambdaARN="python:no_such.handler:main",
          ClientRequestToken=TOKEN)
     secret_id = env.service.catalog.id_by_name("app")
     assert not trio.run(RotationRunner(env.service).rotate, secret_id)
     pending = env.service.catalog.get(secret_id).rotation["Pending"]
-    assert pending["Error"].startswith("createSecret: InvalidRequestException:")
+    assert pending["Error"] == ("createSecret: RuntimeError: no_such.handler:main raised "
+                                "ModuleNotFoundError at createSecret")
     assert pending["Attempts"] == 1
     assert call("GetSecretValue", SecretId="app")["SecretString"] == "p0"
+
+
+FUNCTIONS = Path(__file__).parent / "rotation_functions"
+
+
+def _settings(**settings: str) -> str:
+    """A secret's rotation settings, as the tags that carry them."""
+    return json.dumps([{"Key": f"secretfs:rotation:{name}", "Value": value}
+                       for name, value in settings.items()])
+
+
+@pytest.mark.mount
+def test_a_rotation_function_written_for_aws_lambda_runs_unmodified(daemon):
+    """boto3 inside the handler reaches the daemon as the rotator's principal, and the
+    secret's settings are the handler's environment (EXCLUDE_CHARACTERS as AWS's
+    templates read it)."""
+    handler = "python:aws_style:lambda_handler"
+    daemon.call("create-secret", "--name", "svc/api", "--secret-string",
+                json.dumps({"username": "svc", "password": "old"}), "--tags", _settings(
+                    PYTHONPATH=str(FUNCTIONS), EXCLUDE_CHARACTERS=string.ascii_letters,
+                    PASSWORD_LENGTH="40"))
+    token = daemon.call("rotate-secret", "--secret-id", "svc/api",
+                        "--rotation-lambda-arn", handler)["VersionId"]
+    assert _wait_for(lambda: os.readlink(daemon.path("svc/api/AWSCURRENT"))
+                     == f"versions/{token}")
+    value = json.loads(daemon.path("svc/api/AWSCURRENT").read_bytes())
+    assert value["username"] == "svc" and len(value["password"]) == 40
+    assert not set(value["password"]) & set(string.ascii_letters)
+    assert json.loads(daemon.path("svc/api/AWSPREVIOUS").read_bytes())["password"] == "old"
+    described = daemon.call("describe-secret", "--secret-id", "svc/api")
+    assert "RotationInProgress" not in described and described["RotationEnabled"]
+    records = [json.loads(line) for line in daemon.cli(
+        "audit", "search", "--state-dir", str(daemon.state_dir)).stdout.splitlines()]
+    assert {record["userIdentity"].get("rotator") for record in records
+            if record["eventName"] == "PutSecretValue"} == {handler}
+
+
+@pytest.mark.mount
+def test_a_failing_rotation_function_records_only_its_exception_class(daemon):
+    daemon.call("create-secret", "--name", "svc/api", "--secret-string",
+                json.dumps({"username": "svc", "password": "old"}),
+                "--tags", _settings(PYTHONPATH=str(FUNCTIONS), FAIL_AT="testSecret"))
+    token = daemon.call("rotate-secret", "--secret-id", "svc/api", "--rotation-lambda-arn",
+                        "python:aws_style:lambda_handler")["VersionId"]
+
+    def failed():
+        shown = daemon.call("describe-secret", "--secret-id", "svc/api")
+        return shown.get("RotationInProgress", {}).get("LastError")
+
+    assert _wait_for(failed)
+    assert failed() == ("testSecret: RuntimeError: aws_style:lambda_handler raised "
+                        "ConnectionRefusedError at testSecret")
+    assert json.loads(daemon.path("svc/api/AWSCURRENT").read_bytes())["password"] == "old"
+    assert os.readlink(daemon.path("svc/api/AWSPENDING")) == f"versions/{token}"
+    # What the handler said (it quotes a password) reached no file the daemon writes.
+    leaked = subprocess.run(["grep", "-rl", "hunter2", str(daemon.state_dir)],
+                            capture_output=True)
+    assert leaked.returncode == 1, leaked.stdout

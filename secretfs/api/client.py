@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from secretfs import model
+from secretfs import identity, model
 from secretfs.api import protocol
 
 # SecretBinary is the model's only blob member, in requests and in results
@@ -64,7 +64,11 @@ class Client:
         prefix = protocol.EXTENSION_PREFIX if extension else protocol.AWS_PREFIX
         body = json.dumps(_encode_blobs(params)).encode()
         headers = {"Content-Type": protocol.CONTENT_TYPE, "X-Amz-Target": prefix + action}
-        status, answer = self._post(body, headers)
+        # A rotator run by the daemon calls as its rotation's principal.
+        rotation_token = os.environ.get(identity.ROTATION_TOKEN_ENV)
+        if rotation_token:
+            headers[identity.ROTATION_TOKEN_HEADER] = rotation_token
+        status, answer = self.post(body, headers)
         if status != 200:
             raise _error_from(status, answer)
         try:
@@ -74,7 +78,8 @@ class Client:
                 f"the daemon at {self.socket_path} sent an answer that is not JSON") from None
         return _decode_blobs(result)
 
-    def _post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+    def post(self, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """One request as given; the answer's status and body."""
         # One connection per call: the CLI makes few calls, and a fresh
         # connection never meets a keep-alive the daemon has already timed out.
         conn = UnixHTTPConnection(self.socket_path, self.timeout)

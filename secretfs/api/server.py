@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import http
 import logging
 import os
@@ -93,11 +94,24 @@ def peer_credentials(sock: trio.socket.SocketType) -> Caller:
     return Caller(uid=uid, gid=gid, pid=pid, source=identity.UNIX_SOCKET)
 
 
-def unix_peer_authenticator(stream: trio.abc.Stream) -> Authenticator:
-    """Every request on a Unix socket comes from the peer that connected it."""
+def unix_peer_authenticator(stream: trio.abc.Stream, *,
+                            sessions: identity.Sessions | None = None) -> Authenticator:
+    """Every request on a Unix socket comes from the peer that connected it, unless it
+    carries a rotation step's token: then it comes from that rotation's principal."""
     assert isinstance(stream, trio.SocketStream)
     caller = peer_credentials(stream.socket)
-    return lambda request: caller
+
+    def authenticate(request: Request) -> Caller:
+        token = request.header(identity.ROTATION_TOKEN_HEADER)
+        if token is None:
+            return caller
+        found = sessions.caller(token) if sessions is not None else None
+        if found is None:
+            raise model.UnrecognizedClientException(
+                "The rotation token in the request belongs to no rotation step in progress.")
+        return found
+
+    return authenticate
 
 
 async def serve_unix(
@@ -106,13 +120,15 @@ async def serve_unix(
     *,
     limiter: trio.CapacityLimiter | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    sessions: identity.Sessions | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the API on a Unix socket at `path` (mode 0660) until cancelled."""
     sock = await _bind_unix(path)
     bound = os.stat(path)
     try:
-        await serve_listener(service, trio.SocketListener(sock), unix_peer_authenticator,
+        await serve_listener(service, trio.SocketListener(sock),
+                             functools.partial(unix_peer_authenticator, sessions=sessions),
                              limiter=limiter, limits=limits, task_status=task_status)
     finally:
         with contextlib.suppress(FileNotFoundError):

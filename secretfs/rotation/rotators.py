@@ -10,10 +10,11 @@ import json
 import os
 import re
 import subprocess
-import uuid
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
+from secretfs.identity import ROTATION_TOKEN_ENV
 from secretfs.model import (
     InvalidParameterException,
     InvalidRequestException,
@@ -48,11 +49,72 @@ class Rotator(Protocol):
         """Carry out one step of AWS's protocol; `client(action, params)` calls the service."""
 
 
+# A secret's tags named `secretfs:rotation:<NAME>` are its rotator's settings: the
+# environment of exec and python rotators (AWS's templates read EXCLUDE_CHARACTERS and
+# PASSWORD_LENGTH from theirs), and the password rules of the built-ins. Tags travel
+# with the secret and are set with TagResource from any Secrets Manager client.
+SETTING_TAG = "secretfs:rotation:"
+# GetRandomPassword's parameters, by the environment names AWS's templates use.
+_PASSWORD_SETTINGS = {
+    "PASSWORD_LENGTH": ("PasswordLength", int),
+    "EXCLUDE_CHARACTERS": ("ExcludeCharacters", str),
+    "EXCLUDE_NUMBERS": ("ExcludeNumbers", bool),
+    "EXCLUDE_PUNCTUATION": ("ExcludePunctuation", bool),
+    "EXCLUDE_UPPERCASE": ("ExcludeUppercase", bool),
+    "EXCLUDE_LOWERCASE": ("ExcludeLowercase", bool),
+    "INCLUDE_SPACE": ("IncludeSpace", bool),
+    "REQUIRE_EACH_INCLUDED_TYPE": ("RequireEachIncludedType", bool),
+}
+
+
+def settings_of(described: dict) -> dict[str, str]:
+    """A secret's rotation settings from its DescribeSecret response."""
+    return {tag["Key"].removeprefix(SETTING_TAG): tag["Value"]
+            for tag in described.get("Tags", []) if tag["Key"].startswith(SETTING_TAG)}
+
+
+def password_rules(settings: dict[str, str], *, defaults: dict | None = None) -> dict:
+    """GetRandomPassword's parameters from a secret's settings, over `defaults`."""
+    rules = dict(defaults or {})
+    for name, (parameter, kind) in _PASSWORD_SETTINGS.items():
+        if name not in settings:
+            continue
+        text = settings[name]
+        if kind is bool:
+            rules[parameter] = text.strip().lower() in ("1", "true", "yes")
+        elif kind is int:
+            try:
+                rules[parameter] = int(text)
+            except ValueError:
+                raise InvalidParameterException(
+                    f"Rotation setting {name} must be a whole number, not {text!r}.") from None
+        else:
+            rules[parameter] = text
+    return rules
+
+
+def new_password(secret_id: str, client: Client, *, defaults: dict | None = None) -> str:
+    """A password by the secret's rules, drawn by the service's GetRandomPassword."""
+    settings = settings_of(client("DescribeSecret", {"SecretId": secret_id}))
+    return client("GetRandomPassword",
+                  password_rules(settings, defaults=defaults))["RandomPassword"]
+
+
+def pending_value(secret_id: str, token: str, client: Client) -> dict | None:
+    """The pending version's GetSecretValue response, or None while it is empty."""
+    try:
+        return client("GetSecretValue", {"SecretId": secret_id, "VersionId": token,
+                                         "VersionStage": "AWSPENDING"})
+    except ResourceNotFoundException:
+        return None
+
+
 class RandomPassword:
     """For secrets whose only consumer reads the file: a new random password.
 
     A JSON object keeps its other keys and gets a new "password"; any other value
-    is replaced whole. The password follows GetRandomPassword's defaults.
+    is replaced whole. The password follows GetRandomPassword's rules, adjusted by
+    the secret's `secretfs:rotation:*` tags (PASSWORD_LENGTH, EXCLUDE_CHARACTERS, ...).
     """
 
     def run(self, event: dict, client: Client) -> None:
@@ -60,21 +122,17 @@ class RandomPassword:
         if step == "createSecret":
             self._create(secret_id, token, client)
         elif step == "testSecret":
-            client("GetSecretValue", {"SecretId": secret_id, "VersionId": token,
-                                      "VersionStage": "AWSPENDING"})
+            if pending_value(secret_id, token, client) is None:
+                raise ResourceNotFoundException("The pending version holds no value.")
         elif step == "finishSecret":
             finish(secret_id, token, client)
 
     @staticmethod
     def _create(secret_id: str, token: str, client: Client) -> None:
-        try:
-            client("GetSecretValue", {"SecretId": secret_id, "VersionId": token,
-                                      "VersionStage": "AWSPENDING"})
+        if pending_value(secret_id, token, client) is not None:
             return  # filled already: a resumed rotation
-        except ResourceNotFoundException:
-            pass
         current = client("GetSecretValue", {"SecretId": secret_id})
-        password = client("GetRandomPassword", {})["RandomPassword"]
+        password = new_password(secret_id, client)
         value = password
         try:
             document = json.loads(current.get("SecretString", ""))
@@ -99,29 +157,42 @@ def finish(secret_id: str, token: str, client: Client) -> None:
                                         "RemoveFromVersionId": current})
 
 
+# The python rotator's time limit, for its handler's context.
+TIMEOUT_ENV = "SECRETFS_ROTATION_TIMEOUT"
+_ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class Exec:
     """Any executable, once per step: the event as JSON on stdin, the daemon's state
     directory in SECRETFS_STATE_DIR so it can read and write the pending version with
-    the `secretfs` command (or any Secrets Manager client on the control socket).
+    the `secretfs` command (or any Secrets Manager client on the control socket), and
+    the step's RotationToken in SECRETFS_ROTATION_TOKEN, with which the `secretfs`
+    command calls as the rotator's principal (`rotator:exec:/path`), so policies
+    govern what it may touch. The secret's `secretfs:rotation:<NAME>` tags are in its
+    environment as NAME, and AWS_REGION names the daemon's region.
+
     A non-zero exit or a timeout fails the step. Its output is not kept: a program
     may print what it handles, and nothing a rotator prints may land in the store or
     a log, so the recorded error is the exit status.
     """
 
-    def __init__(self, program: str, *, state_dir: str | None, timeout: float = 300.0):
+    def __init__(self, program: str, *, state_dir: str | None, region: str | None = None,
+                 timeout: float = 300.0):
         self.program = program
         self.state_dir = state_dir
+        self.region = region
         self.timeout = timeout
 
+    def command(self) -> list[str]:
+        return [self.program]
+
     def run(self, event: dict, client: Client) -> None:
-        environment = dict(os.environ)
-        if self.state_dir:
-            environment["SECRETFS_STATE_DIR"] = self.state_dir
-        payload = dict(event, RotationToken=str(uuid.uuid4()))
+        described = client("DescribeSecret", {"SecretId": event["SecretId"]})
+        environment = self.environment(event, settings_of(described))
         try:
             result = subprocess.run(
-                [self.program], input=json.dumps(payload).encode(),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                self.command(), input=json.dumps(event).encode(),
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                 timeout=self.timeout, env=environment, cwd="/", start_new_session=True)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{self.program} did not finish {event['Step']} within "
@@ -129,13 +200,56 @@ class Exec:
         except OSError as error:
             raise RuntimeError(f"can't run {self.program}: {error.strerror}") from None
         if result.returncode != 0:
-            raise RuntimeError(f"{self.program} exited with status {result.returncode} at "
-                               f"{event['Step']}")
+            raise RuntimeError(self.failure(event["Step"], result))
+
+    def environment(self, event: dict, settings: dict[str, str]) -> dict[str, str]:
+        environment = dict(os.environ)
+        environment.update((name, value) for name, value in settings.items()
+                           if _ENVIRONMENT_NAME.fullmatch(name))
+        environment[ROTATION_TOKEN_ENV] = event["RotationToken"]
+        if self.state_dir:
+            environment["SECRETFS_STATE_DIR"] = self.state_dir
+        if self.region:
+            environment["AWS_REGION"] = environment["AWS_DEFAULT_REGION"] = self.region
+        return environment
+
+    def failure(self, step: str, result: subprocess.CompletedProcess) -> str:
+        return f"{self.program} exited with status {result.returncode} at {step}"
 
 
-def rotator_for(name: str, *, state_dir: str | None = None) -> Rotator:
+class Python(Exec):
+    """A rotation function written for AWS Lambda, `handler(event, context)`, run in its
+    own process by secretfs.rotation.lambda_host with Exec's environment; boto3's
+    Secrets Manager client inside it reaches this daemon as the rotator's principal.
+    The recorded error of a failing handler is its exception's class name."""
+
+    _EXCEPTION_NAME = re.compile(rb"[A-Za-z_][\w.]{0,99}")
+
+    def __init__(self, target: str, **options):
+        super().__init__(f"python:{target}", **options)
+        self.target = target
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "secretfs.rotation.lambda_host", self.target]
+
+    def environment(self, event: dict, settings: dict[str, str]) -> dict[str, str]:
+        environment = super().environment(event, settings)
+        environment[TIMEOUT_ENV] = f"{self.timeout:g}"
+        return environment
+
+    def failure(self, step: str, result: subprocess.CompletedProcess) -> str:
+        name = result.stdout.strip()
+        if result.returncode == 1 and self._EXCEPTION_NAME.fullmatch(name):
+            return f"{self.target} raised {name.decode()} at {step}"
+        return super().failure(step, result)
+
+
+def rotator_for(name: str, *, state_dir: str | None = None,
+                region: str | None = None) -> Rotator:
     if name == "secretfs:random-password":
         return RandomPassword()
     if name.startswith("exec:"):
-        return Exec(name.removeprefix("exec:"), state_dir=state_dir)
+        return Exec(name.removeprefix("exec:"), state_dir=state_dir, region=region)
+    if name.startswith("python:"):
+        return Python(name.removeprefix("python:"), state_dir=state_dir, region=region)
     raise InvalidRequestException(f"The rotator {name} can't run on this host yet.")

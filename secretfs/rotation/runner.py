@@ -17,14 +17,12 @@ from collections.abc import Callable
 
 import trio
 
-from secretfs.identity import Caller
+from secretfs.identity import rotator_caller
 from secretfs.rotation.rotators import Rotator, rotator_for
 
 log = logging.getLogger(__name__)
 
 STEPS = ("createSecret", "setSecret", "testSecret", "finishSecret")
-# The principal rotators act as: the policy layer sees it like any other caller.
-ROTATOR = Caller(uid=0, gid=0, pid=0, source="rotation")
 IDLE_WAKE = 3600.0  # re-check at least this often, should a wake-up be missed
 
 
@@ -70,13 +68,22 @@ class RotationRunner:
         token, done = opened["Token"], opened["Step"]
         secret_arn = self.service.catalog.row(secret_id).arn
         remaining = STEPS[STEPS.index(done) + 1:] if done in STEPS else STEPS
+        # The rotator acts as its own principal, not as the daemon: policies apply.
+        caller = rotator_caller(opened["Rotator"], secret_arn)
+
+        def client(action: str, params: dict) -> dict:
+            return self.service.call(action, params, caller)
+
         for step in remaining:
-            event = {"Step": step, "SecretId": secret_arn, "ClientRequestToken": token}
             try:
                 # A rotator that can't be had (one this host doesn't run) fails its
                 # step like any other failure: recorded, retried, the daemon unharmed.
                 rotator = self._rotators(opened["Rotator"])
-                await self._thread(rotator.run, event, self._client)
+                # A rotator in its own process calls back with the step's token.
+                with self.service.sessions.issued(caller) as rotation_token:
+                    event = {"Step": step, "SecretId": secret_arn,
+                             "ClientRequestToken": token, "RotationToken": rotation_token}
+                    await self._thread(rotator.run, event, client)
             except Exception as error:  # a rotator's failure, not ours: record, retry later
                 log.warning("rotation of %s failed at %s: %s", secret_arn, step, error)
                 await self._thread(self.service.record_rotation_step, secret_id, token, step,
@@ -85,9 +92,6 @@ class RotationRunner:
             await self._thread(self.service.record_rotation_step, secret_id, token, step)
         log.info("rotated %s (version %s)", secret_arn, token)
         return True
-
-    def _client(self, action: str, params: dict) -> dict:
-        return self.service.call(action, params, ROTATOR)
 
     async def _thread(self, function, *args):
         return await self._in_thread(function, *args, limiter=self._limiter)
