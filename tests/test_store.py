@@ -4,6 +4,7 @@ detection end to end, and transactions that fail leaving nothing behind."""
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import sqlite3
 import stat
@@ -85,7 +86,7 @@ def test_schema_version_is_recorded(env):
             "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         tables = {name for (name,) in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert int(version) == SCHEMA_VERSION == 2
+    assert int(version) == SCHEMA_VERSION == 3
     assert {"meta", "secrets", "tags", "versions", "labels", "identity_policies"} <= tables
 
 
@@ -106,7 +107,48 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         assert reader.resource_policies() == {}
     with closing(sqlite3.connect(path)) as check:
         assert check.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("2",)
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+        assert check.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
+                             " AND name = 'secrets_by_rotation_due'").fetchone()
+
+
+def _rotation(**fields) -> str:
+    return json.dumps({"RotationLambdaARN": "secretfs:random-password", **fields})
+
+
+def test_due_rotations_come_from_the_index_among_100k_secrets(tmp_path):
+    """100,000 secrets, most never rotating: the runner's two questions are answered
+    by a search of the rotation index (the plan says so) and answered right."""
+    path = tmp_path / "big.db"
+    SqliteStore.create(path).close()
+    with closing(sqlite3.connect(path)) as connection:
+        rotation = {7: _rotation(Enabled=True, NextRotationDate=500.0),
+                    70_000: _rotation(Enabled=True, NextRotationDate=100.0),
+                    99_999: _rotation(Enabled=True, NextRotationDate=50.0, Pending={
+                        "Token": "t", "Step": None, "RetryAt": 300.0}),
+                    12: _rotation(Enabled=False),
+                    13: _rotation(Enabled=True, NextRotationDate=10.0)}
+        connection.executemany(
+            "INSERT INTO secrets (id, name, path, arn, created, changed, rotation, deleted)"
+            " VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
+            ((n, f"s{n}", f"s{n}", f"arn:{n}", rotation.get(n), 1.0 if n == 13 else None)
+             for n in range(1, 100_001)))
+        connection.commit()
+        for query in (
+                f"SELECT id FROM secrets WHERE {sqlite_store._ROTATING} AND"
+                f" {sqlite_store._ROTATION_DUE} <= 1 ORDER BY {sqlite_store._ROTATION_DUE}",
+                f"SELECT {sqlite_store._ROTATION_DUE} AS due FROM secrets WHERE"
+                f" {sqlite_store._ROTATING} AND due >= 0 ORDER BY due LIMIT 1"):
+            plan = " ".join(row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + query))
+            assert plan.startswith("SEARCH secrets USING INDEX secrets_by_rotation_due"), plan
+    store = SqliteStore(path)
+    with store.read() as reader:
+        # The deleted secret (13) and the disabled one (12) are never due.
+        assert reader.next_rotation_due() == 100.0
+        assert reader.rotations_due(99.0) == []
+        assert reader.rotations_due(300.0) == [70_000, 99_999]  # earliest first
+        assert reader.rotations_due(1e9) == [70_000, 99_999, 7]
+    store.close()
 
 
 def test_wal_mode_and_owner_only_files(env, call):

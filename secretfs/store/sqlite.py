@@ -1,17 +1,20 @@
 """The embedded SQLite store.
 
-Schema (version 1), dates are epoch seconds (UTC) as REAL:
+Schema (version 3), dates are epoch seconds (UTC) as REAL:
 
     meta      (key PRIMARY KEY, value)            -- schema_version, created
     secrets   (id PRIMARY KEY AUTOINCREMENT,       -- ids are never reused, so an
                name UNIQUE, path UNIQUE,           -- inode keyed by id can't alias
                arn UNIQUE, description,            -- a recreated secret
                kms_key_id, created, changed,
-               accessed, deleted, rotation JSON)
+               accessed, deleted, rotation JSON,
+               policy JSON)                        -- the resource policy (schema 2)
     tags      (secret_id, position, key, value)
     versions  (secret_id, version_id, created, is_binary,
                ciphertext, wrapped_key, key_id, accessed)
     labels    (secret_id, label, version_id)      -- a label is on at most one version
+    identity_policies (principal, name, document, created)       -- schema 2
+    secrets_by_rotation_due: an index on when each rotation is due   -- schema 3
 
 `path` is the secret's directory below the mountpoint (its name's segments
 without empty ones); it is unique so two names never share a directory.
@@ -34,7 +37,7 @@ from pathlib import Path
 from secretfs.model import Secret, Version
 from secretfs.store import SealedValue, SecretRow, StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -81,6 +84,16 @@ CREATE INDEX secrets_by_created ON secrets(created, id);
 CREATE INDEX secrets_by_deleted ON secrets(deleted) WHERE deleted IS NOT NULL;
 """
 
+# When a secret's rotation is next due: its scheduled date, or at once (or at its
+# retry time) while a rotation is open; NULL when it doesn't rotate. The index on
+# it (schema 3) covers only live secrets with a rotation configured.
+_ROTATION_DUE = (
+    "(CASE WHEN json_extract(rotation, '$.Pending') IS NOT NULL"
+    " THEN coalesce(json_extract(rotation, '$.Pending.RetryAt'), 0)"
+    " WHEN json_extract(rotation, '$.Enabled')"
+    " THEN json_extract(rotation, '$.NextRotationDate') END)")
+_ROTATING = "deleted IS NULL AND rotation IS NOT NULL"
+
 # Each entry upgrades the schema from the version before it; a new store is
 # created at version 1 and walks the same path, so every migration is exercised.
 _MIGRATIONS = {
@@ -95,6 +108,8 @@ CREATE TABLE identity_policies (
     PRIMARY KEY (principal, name)
 );
 """,
+    # The rotation runner's "what is due next" without a walk over every secret.
+    3: f"CREATE INDEX secrets_by_rotation_due ON secrets{_ROTATION_DUE} WHERE {_ROTATING}",
 }
 
 # GCM adds a 12-byte nonce and a 16-byte tag to the plaintext.
@@ -218,23 +233,18 @@ class Reader:
         return {(principal, name): document for principal, name, document in self.db.execute(
             "SELECT principal, name, document FROM identity_policies ORDER BY principal, name")}
 
-    # When a secret's rotation is next due: its scheduled date, or at once (or at
-    # its retry time) while a rotation is open.
-    _ROTATION_DUE = (
-        "CASE WHEN json_extract(rotation, '$.Pending') IS NOT NULL"
-        " THEN coalesce(json_extract(rotation, '$.Pending.RetryAt'), 0)"
-        " WHEN json_extract(rotation, '$.Enabled') THEN json_extract(rotation, '$.NextRotationDate')"
-        " END")
-
+    # Both queries walk the secrets_by_rotation_due index: the runner's wake-ups cost
+    # the same with 100 secrets or 100,000, most of which never rotate.
     def rotations_due(self, now: float) -> list[int]:
         return [row[0] for row in self.db.execute(
-            f"SELECT id FROM secrets WHERE deleted IS NULL AND rotation IS NOT NULL"
-            f" AND {self._ROTATION_DUE} <= ? ORDER BY {self._ROTATION_DUE}", (now,))]
+            f"SELECT id FROM secrets WHERE {_ROTATING} AND {_ROTATION_DUE} <= ?"
+            f" ORDER BY {_ROTATION_DUE}", (now,))]
 
     def next_rotation_due(self) -> float | None:
-        return self.db.execute(
-            f"SELECT min({self._ROTATION_DUE}) FROM secrets"
-            " WHERE deleted IS NULL AND rotation IS NOT NULL").fetchone()[0]
+        found = self.db.execute(
+            f"SELECT {_ROTATION_DUE} AS due FROM secrets WHERE {_ROTATING}"
+            " AND due >= 0 ORDER BY due LIMIT 1").fetchone()
+        return found[0] if found else None
 
     def expired(self, now: float) -> list[int]:
         return [row[0] for row in self.db.execute(
