@@ -59,6 +59,29 @@ def test_a_rotation_runs_the_four_steps_and_promotes(env, call):
     assert value["user"] == "app" and value["password"] != "p0" and len(value["password"]) == 32
 
 
+def test_random_password_follows_the_secrets_settings(env, call):
+    """GetRandomPassword's rules per secret, from its secretfs:rotation:* tags; a bad
+    setting fails the step with the reason and changes nothing."""
+    tags = [{"Key": "secretfs:rotation:PASSWORD_LENGTH", "Value": "12"},
+            {"Key": "secretfs:rotation:EXCLUDE_PUNCTUATION", "Value": "true"},
+            {"Key": "secretfs:rotation:EXCLUDE_CHARACTERS", "Value": "0123456789"}]
+    call("CreateSecret", Name="app", SecretString="p0", Tags=tags)
+    call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
+         ClientRequestToken=TOKEN)
+    secret_id = env.service.catalog.id_by_name("app")
+    assert trio.run(RotationRunner(env.service).rotate, secret_id)
+    password = call("GetSecretValue", SecretId="app")["SecretString"]
+    assert len(password) == 12 and password.isalpha()
+    call("TagResource", SecretId="app", Tags=[
+        {"Key": "secretfs:rotation:PASSWORD_LENGTH", "Value": "twelve"}])
+    call("RotateSecret", SecretId="app", ClientRequestToken=TOKEN.replace("1", "2"))
+    assert not trio.run(RotationRunner(env.service).rotate, secret_id)
+    assert env.service.catalog.get(secret_id).rotation["Pending"]["Error"] == (
+        "createSecret: InvalidParameterException: Rotation setting PASSWORD_LENGTH must be "
+        "a whole number, not 'twelve'.")
+    assert call("GetSecretValue", SecretId="app")["SecretString"] == password
+
+
 def test_a_failing_step_keeps_awscurrent_records_the_error_and_retries(env, call):
     old = call("CreateSecret", Name="app", SecretString="p0")["VersionId"]
     call("RotateSecret", SecretId="app", RotationLambdaARN="secretfs:random-password",
