@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+# postgresql and mariadb-server: the database rotators' tests start throw-away servers
+# of their own (the system services they may start are never used).
 PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev util-linux passwd
-          bubblewrap sqlite3)
+          bubblewrap sqlite3 postgresql mariadb-server mariadb-client)
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
