@@ -1,7 +1,7 @@
 """The `secretfs` command: argument parsing, request building and output formatting.
 
-Owns the verbs `init`, `mount`, `umount`, `version`, the key verbs `create-key` and
-`list-keys`, the client verbs named like `aws secretsmanager`, whose flags are
+Owns the verbs `init`, `ca-bundle`, `mount`, `umount`, `version`, the key verbs
+`create-key` and `list-keys`, the client verbs named like `aws secretsmanager`, whose flags are
 derived from botocore's service model so they match the AWS CLI flag for flag, and
 `audit verify|tail|search`. Client verbs only talk to the daemon through
 `secretfs.api.client`; the audit verbs read the audit log's files directly (through
@@ -31,6 +31,7 @@ from typing import Any
 from botocore import xform_name
 
 from secretfs.model import SecretsManagerError
+from secretfs.options import MountOptions
 from secretfs.state import DEFAULT_ACCOUNT_ID, DEFAULT_REGION, StateDir, resolve_state_dir
 
 # The Secrets Manager actions exposed as verbs; exposing another is one line here.
@@ -135,6 +136,19 @@ EXTENSION_VERBS = {
         "DeleteIdentityPolicy", "Detach and delete an identity policy.",
         (("Principal", True, "The principal the policy is attached to."),
          ("PolicyName", True, "The policy's name.")),
+    ),
+    "create-access-key": _ExtensionVerb(
+        "CreateAccessKey",
+        "Create an access key for the network endpoint; its secret is shown only now.",
+        (("Principal", True, "The Unix user the key acts as: user:NAME or uid:N."),),
+    ),
+    "list-access-keys": _ExtensionVerb(
+        "ListAccessKeys", "List access keys (never their secrets).",
+        (("Principal", False, "Only this principal's keys."),),
+    ),
+    "delete-access-key": _ExtensionVerb(
+        "DeleteAccessKey", "Delete an access key; requests signed with it fail at once.",
+        (("AccessKeyId", True, "The key's id."),),
     ),
     "list-identity-policies": _ExtensionVerb(
         "ListIdentityPolicies", "List identity policies, of one principal or of all.",
@@ -282,8 +296,24 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                      help=f"The region in ARNs (default: {DEFAULT_REGION}).")
     sub.add_argument("--account-id", default=DEFAULT_ACCOUNT_ID,
                      help=f"The account id in ARNs (default: {DEFAULT_ACCOUNT_ID}).")
+    sub.add_argument("--tls-hostname", action="append", default=[], metavar="NAME",
+                     dest="tls_hostnames",
+                     help="Another host name or IP address for the HTTPS endpoint's "
+                          "certificate, besides localhost, 127.0.0.1, ::1 and this host's "
+                          "names (repeatable).")
     _add_output_options(sub)
     sub.set_defaults(run=_run_init)
+
+    sub = verbs.add_parser(
+        "ca-bundle", allow_abbrev=False,
+        help="Print the local CA certificate that HTTPS clients trust (for AWS_CA_BUNDLE).",
+        description="Print the local CA certificate (PEM) that signed the HTTPS endpoint's "
+                    "certificate. The state directory is root's, so publish it where "
+                    "clients can read it, e.g. 'secretfs ca-bundle > "
+                    "/usr/local/share/ca-certificates/secretfs.crt', and point their "
+                    "AWS_CA_BUNDLE at that file.")
+    _add_state_dir(sub)
+    sub.set_defaults(run=_run_ca_bundle)
 
     sub = verbs.add_parser("mount", help="Start the daemon and mount the secrets filesystem.",
                            allow_abbrev=False)
@@ -291,10 +321,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     _add_state_dir(sub)
     sub.add_argument("--foreground", action="store_true",
                      help="Stay in the foreground instead of detaching.")
-    sub.add_argument("--debug", action="store_true", help="Log FUSE requests.")
-    sub.add_argument("--strict-names", action="store_true",
-                     help="Hide names from callers who may not see them, even on exact "
-                          "lookups (directories are then never cached by the kernel).")
+    MountOptions.add_arguments(sub)
     sub.set_defaults(run=_run_mount)
 
     sub = verbs.add_parser("umount", help="Unmount the secrets filesystem and stop the daemon.",
@@ -703,7 +730,8 @@ def _run_init(args: argparse.Namespace) -> int:
     output = _output_options(args)
     state_dir = resolve_state_dir(args.state_dir)
     try:
-        summary = daemon.init_state(state_dir, region=args.region, account_id=args.account_id)
+        summary = daemon.init_state(state_dir, region=args.region, account_id=args.account_id,
+                                    tls_hostnames=tuple(args.tls_hostnames))
     except FileExistsError:
         raise CommandError(f"{state_dir} is already initialized") from None
     except daemon.DaemonError as exc:
@@ -712,13 +740,24 @@ def _run_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_ca_bundle(args: argparse.Namespace) -> int:
+    path = StateDir(resolve_state_dir(args.state_dir)).ca_certificate
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no local CA certificate (run 'secretfs init')") from None
+    sys.stdout.flush()
+    sys.stdout.buffer.write(pem)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
 def _run_mount(args: argparse.Namespace) -> int:
     from secretfs import daemon
 
     try:
         daemon.mount(args.mountpoint, resolve_state_dir(args.state_dir),
-                     foreground=args.foreground, debug=args.debug,
-                     strict_names=args.strict_names)
+                     foreground=args.foreground, options=MountOptions.from_args(args))
     except daemon.DaemonError as exc:
         raise CommandError(str(exc)) from None
     return EXIT_OK

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+from secretfs.options import DEFAULT_OPTIONS, MountOptions, OptionsError
 from secretfs.state import StateDir
 
 log = logging.getLogger("secretfs")
@@ -52,20 +53,28 @@ class DaemonError(Exception):
 
 # --- the state directory ---------------------------------------------------------------
 
-def init_state(state_dir: Path, *, region: str, account_id: str) -> dict:
-    """Create the SQLite store and the local master key file (both 0600, root's)."""
+def init_state(state_dir: Path, *, region: str, account_id: str,
+               tls_hostnames: tuple[str, ...] = ()) -> dict:
+    """Create the SQLite store and the local master key file (both 0600, root's), and
+    the HTTPS endpoint's local CA and server certificate (also naming `tls_hostnames`)."""
+    from secretfs import tls
     from secretfs.crypto import LocalKeyProvider
     from secretfs.store.sqlite import SqliteStore
 
     state = StateDir(Path(state_dir))
     if state.exists():
         raise FileExistsError(f"{state.root} is already a secretfs state directory")
+    try:
+        tls.subject_alternative_names(tls_hostnames)  # refused before anything is created
+    except ValueError as error:
+        raise DaemonError(f"invalid TLS host name: {error}") from None
     old_umask = os.umask(0o077)
     try:
         state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state.root, 0o700)
         keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id)
         SqliteStore.create(state.database)
+        tls.create_authority(state.tls_dir, hostnames=tls_hostnames)
         state.write_config({
             "Region": region, "AccountId": account_id, "Store": "sqlite",
             "KeyProvider": "local", "Created": datetime.now(UTC).isoformat(),
@@ -74,7 +83,9 @@ def init_state(state_dir: Path, *, region: str, account_id: str) -> dict:
         os.umask(old_umask)
     return {"StateDir": str(state.root), "Region": region, "AccountId": account_id,
             "Store": str(state.database), "KeyFile": str(state.keys),
-            "DefaultKey": keys.key_arn(keys.resolve(None))}
+            "DefaultKey": keys.key_arn(keys.resolve(None)),
+            "CaBundle": str(state.ca_certificate),
+            "ServerCertificate": str(state.server_certificate)}
 
 
 def open_service(state: StateDir, *, audit=None):
@@ -186,10 +197,10 @@ def _registry_file(mountpoint: Path) -> Path:
 # --- serving ---------------------------------------------------------------------------
 
 async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
-                debug: bool = False, strict_names: bool = False) -> None:
+                options: MountOptions = DEFAULT_OPTIONS) -> None:
     import pyfuse3
 
-    from secretfs.api.server import serve_unix
+    from secretfs.api.server import serve_network, serve_unix
     from secretfs.audit import AuditError, AuditLog
     from secretfs.fs.ops import SecretsOperations
     from secretfs.rotation.rotators import rotator_for
@@ -206,16 +217,18 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
         except AuditError as error:
             raise DaemonError(str(error)) from None
         service = open_service(state, audit=audit)
+        options = options.with_config(state.read_config())
+        endpoint, ssl_context = _endpoint(state, options)
         _prepare_mountpoint(mountpoint)
-        operations = SecretsOperations(service, strict_names=strict_names)
+        operations = SecretsOperations(service, strict_names=options.strict_names)
         # Computed before the mount exists: touching the mountpoint between
         # init() and main() would wait forever for a reply nobody sends.
         registry = _registry_file(mountpoint)
-        options = set(MOUNT_OPTIONS)
-        if debug:
-            options.add("debug")
+        fuse_options = set(MOUNT_OPTIONS)
+        if options.debug:
+            fuse_options.add("debug")
         try:
-            pyfuse3.init(operations, str(mountpoint), options)
+            pyfuse3.init(operations, str(mountpoint), fuse_options)
         except RuntimeError as error:
             raise DaemonError(f"can't mount {mountpoint}: {error}") from None
         operations.mounted = True
@@ -232,8 +245,16 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                     serve_unix, service, state.socket, limiter=limiter,
                     sessions=service.sessions))
                 nursery.start_soon(_housekeeping, service)
+                endpoint_url = None
+                if endpoint is not None:
+                    bound = await nursery.start(functools.partial(
+                        serve_network, service, *endpoint, ssl_context=ssl_context,
+                        limiter=limiter))
+                    endpoint_url = _url(bound[0], https=ssl_context is not None)
+                    log.info("serving the API at %s", endpoint_url)
                 runner = RotationRunner(service, rotators=functools.partial(
-                    rotator_for, state_dir=str(state.root), region=service.region))
+                    rotator_for, state_dir=str(state.root), region=service.region,
+                    endpoint=endpoint_url, ca_bundle=_ca_bundle(state, options)))
                 service.rotation_listeners.append(_waker(runner))
                 await nursery.start(runner.run)
                 nursery.start_soon(_stop_on_signal, pyfuse3)
@@ -259,6 +280,42 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
             log.info("unmounted %s", mountpoint)
     finally:
         lock.close()
+
+
+def _endpoint(state: StateDir, options: MountOptions):
+    """(host, port) of the network endpoint and its TLS context, or (None, None)."""
+    try:
+        endpoint = options.endpoint()
+    except OptionsError as error:
+        raise DaemonError(str(error)) from None
+    if endpoint is None or options.plain_http:
+        return endpoint, None
+    from secretfs import tls
+
+    if bool(options.tls_certificate) != bool(options.tls_key):
+        raise DaemonError("--tls-cert and --tls-key go together")
+    try:
+        return endpoint, tls.server_context(
+            Path(options.tls_certificate or state.server_certificate),
+            Path(options.tls_key or state.server_key))
+    except tls.TLSConfigError as error:
+        raise DaemonError(str(error)) from None
+
+
+def _ca_bundle(state: StateDir, options: MountOptions) -> str | None:
+    """What a client on this host trusts the endpoint with: the local CA, unless the
+    certificate is the operator's own (then the system's trust store decides)."""
+    if options.plain_http or options.tls_certificate:
+        return None
+    return str(state.ca_certificate)
+
+
+def _url(address: tuple[str, int], *, https: bool) -> str:
+    """The endpoint's URL as a client on this host reaches it."""
+    host, port = address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    host = f"[{host}]" if ":" in host else host
+    return f"{'https' if https else 'http'}://{host}:{port}"
 
 
 def _waker(runner) -> Callable[[], None]:
@@ -310,11 +367,11 @@ def _configure_logging(debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
-                   strict_names: bool = False,
+def run_foreground(mountpoint: Path, state: StateDir, *,
+                   options: MountOptions = DEFAULT_OPTIONS,
                    ready_fd: int | None = None) -> None:
     """Serve until unmounted; report readiness on `ready_fd` and to systemd."""
-    _configure_logging(debug)
+    _configure_logging(options.debug)
     harden_process()
 
     def ready() -> None:
@@ -324,8 +381,7 @@ def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
             os.close(ready_fd)
 
     try:
-        trio.run(functools.partial(serve, mountpoint, state, ready=ready, debug=debug,
-                                   strict_names=strict_names))
+        trio.run(functools.partial(serve, mountpoint, state, ready=ready, options=options))
     except Exception as error:
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
@@ -337,14 +393,14 @@ def run_foreground(mountpoint: Path, state: StateDir, *, debug: bool = False,
         raise
 
 
-def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = False,
-          strict_names: bool = False) -> None:
+def mount(mountpoint: Path, state_dir: Path, *, foreground: bool,
+          options: MountOptions = DEFAULT_OPTIONS) -> None:
     state = StateDir(Path(state_dir))
     if not state.exists():
         raise DaemonError(f"{state.root} is not a secretfs state directory (run 'secretfs init')")
     mountpoint = Path(mountpoint)
     if foreground:
-        run_foreground(mountpoint, state, debug=debug, strict_names=strict_names)
+        run_foreground(mountpoint, state, options=options)
         return
     read_end, write_end = os.pipe()
     with open(state.log, "ab") as log_file:
@@ -352,8 +408,7 @@ def mount(mountpoint: Path, state_dir: Path, *, foreground: bool, debug: bool = 
         child = subprocess.Popen(
             [sys.executable, "-m", "secretfs.daemon", "--mountpoint", str(mountpoint),
              "--state-dir", str(state.root), "--ready-fd", str(write_end),
-             *(["--debug"] if debug else []),
-             *(["--strict-names"] if strict_names else [])],
+             *options.argv()],
             pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             start_new_session=True)
     os.close(write_end)
@@ -396,13 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mountpoint", required=True, type=Path)
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--ready-fd", type=int)
-    parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--strict-names", action="store_true")
+    MountOptions.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        run_foreground(args.mountpoint, StateDir(args.state_dir), debug=args.debug,
-                       strict_names=args.strict_names,
-                       ready_fd=args.ready_fd)
+        run_foreground(args.mountpoint, StateDir(args.state_dir),
+                       options=MountOptions.from_args(args), ready_fd=args.ready_fd)
     except DaemonError as error:
         log.error("%s", error)
         return 1

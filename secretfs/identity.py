@@ -11,8 +11,10 @@ an identity.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import grp
+import hashlib
 import os
 import pwd
 import secrets
@@ -24,6 +26,7 @@ from functools import cached_property
 FUSE = "fuse"
 UNIX_SOCKET = "unix-socket"
 HTTPS = "https"
+HTTP = "http"  # plain HTTP, on loopback only
 INTERNAL = "internal"
 ROTATION = "rotation"
 
@@ -58,25 +61,43 @@ ROTATION_TOKEN_HEADER = "X-Secretfs-Rotation-Token"
 ROTATION_TOKEN_ENV = "SECRETFS_ROTATION_TOKEN"
 
 
+def rotation_access_key(token: str) -> tuple[str, str]:
+    """The access key pair a rotation step's token gives its rotator for the network
+    endpoint: the id is derived from the token, the secret is the token."""
+    digest = hashlib.sha256(token.encode()).digest()[:10]
+    return "ASRT" + base64.b32encode(digest).decode(), token
+
+
 class Sessions:
     """Bearer tokens that stand for a caller while a piece of work runs: the token of
-    a rotation step is handed to the rotator's process (the event's RotationToken),
-    and vanishes when the step ends. Nothing is written down."""
+    a rotation step is handed to the rotator's process (the event's RotationToken,
+    and as an access key pair for the network endpoint), and vanishes when the step
+    ends. Nothing is written down."""
 
     def __init__(self):
         self._callers: dict[str, Caller] = {}
+        self._tokens_by_key: dict[str, str] = {}
 
     @contextlib.contextmanager
     def issued(self, caller: Caller) -> Iterator[str]:
         token = secrets.token_urlsafe(32)
+        key_id, _ = rotation_access_key(token)
         self._callers[token] = caller
+        self._tokens_by_key[key_id] = token
         try:
             yield token
         finally:
+            self._tokens_by_key.pop(key_id, None)
             self._callers.pop(token, None)
 
     def caller(self, token: str) -> Caller | None:
         return self._callers.get(token)
+
+    def access_key(self, key_id: str) -> tuple[str, Caller] | None:
+        """(secret, caller) of a step's access key while the step runs."""
+        token = self._tokens_by_key.get(key_id)
+        caller = self._callers.get(token) if token is not None else None
+        return (token, caller) if caller is not None else None
 
 
 # The daemon's own background work (deletion purges, later rotation) acts as this.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
 import inspect
 import json
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from secretfs import model, policy
+from secretfs.access_keys import AccessKeys, principal_caller
 from secretfs.catalog import Catalog
 from secretfs.crypto import KeyProvider
 from secretfs.crypto.envelope import Sealed, seal, unseal
@@ -74,11 +76,12 @@ class SecretsManagerService:
         "CreateSecret", "PutSecretValue", "UpdateSecret", "UpdateSecretVersionStage",
         "DeleteSecret", "RestoreSecret", "TagResource", "UntagResource", "PutResourcePolicy",
         "DeleteResourcePolicy", "CreateKey", "PutIdentityPolicy", "DeleteIdentityPolicy",
-        "RotateSecret", "CancelRotateSecret",
+        "RotateSecret", "CancelRotateSecret", "CreateAccessKey", "DeleteAccessKey",
     })
     EXTENSION_ACTIONS = frozenset({
         "CreateKey", "ListKeys", "PutIdentityPolicy", "GetIdentityPolicy",
-        "DeleteIdentityPolicy", "ListIdentityPolicies",
+        "DeleteIdentityPolicy", "ListIdentityPolicies", "CreateAccessKey", "ListAccessKeys",
+        "DeleteAccessKey",
     })
 
     def __init__(self, store, keys: KeyProvider, *, region: str, account_id: str,
@@ -101,6 +104,7 @@ class SecretsManagerService:
         self.rotation_listeners: list[Callable[[], None]] = []
         # Rotation steps in progress, by the RotationToken handed to their rotator.
         self.sessions = Sessions()
+        self.access_keys = AccessKeys(store, keys)
         self.policy_generation = 0
         self._load_policies()
 
@@ -1264,6 +1268,51 @@ class SecretsManagerService:
     def list_keys(self, caller: Caller):
         self._authorize(caller, "ListKeys")
         return {"Keys": self.keys.list_keys()}
+
+    def create_access_key(self, caller: Caller, Principal):
+        """A key pair for the network endpoint, acting as a Unix user; the secret half
+        is in this answer and nowhere else in the clear."""
+        self._authorize(caller, "secretfs:CreateAccessKey")
+        return self.access_keys.create(Principal, self.now())
+
+    def list_access_keys(self, caller: Caller, Principal=None):
+        self._authorize(caller, "secretfs:ListAccessKeys")
+        return {"AccessKeys": self.access_keys.list(Principal)}
+
+    def delete_access_key(self, caller: Caller, AccessKeyId):
+        self._authorize(caller, "secretfs:DeleteAccessKey")
+        return self.access_keys.delete(AccessKeyId)
+
+    def record_refused(self, target: str | None, error: model.SecretsManagerError, *,
+                       source: str, address: str | None, access_key: str | None) -> None:
+        """Audit a network request refused before it had a caller (a bad signature)."""
+        audit = self.authorizer.audit
+        if audit is None:
+            return
+        identity = {"sourceIPAddress": address}
+        if access_key:
+            identity["accessKeyId"] = access_key
+        action = (target or "").rpartition(".")[2][:128] or "Unknown"
+        audit.record({"eventName": action, "eventSource": source, "userIdentity": identity,
+                      "decision": "deny", "decidedBy": "authentication",
+                      "errorCode": error.code})
+
+    def network_credentials(self, access_key_id: str, *, source: str,
+                            address: str | None) -> tuple[str, Caller] | None:
+        """The secret an access key id signs with and the caller it speaks for: a
+        rotation step's key while the step runs, else a stored key whose user exists."""
+        session = self.sessions.access_key(access_key_id)
+        if session is not None:
+            secret, caller = session
+            return secret, dataclasses.replace(caller, access_key=access_key_id,
+                                               address=address)
+        stored = self.access_keys.credentials(access_key_id)
+        if stored is None:
+            return None
+        secret, principal = stored
+        caller = principal_caller(principal, source=source, access_key=access_key_id,
+                                  address=address)
+        return (secret, caller) if caller is not None else None
 
     # --- for the filesystem -------------------------------------------------------
 

@@ -53,6 +53,29 @@ class StateDir:
         """The audit log's files (see secretfs.audit)."""
         return self.root / "audit"
 
+    @property
+    def tls_dir(self) -> Path:
+        """The HTTPS endpoint's CA and server certificate (see secretfs.tls)."""
+        return self.root / "tls"
+
+    @property
+    def ca_certificate(self) -> Path:
+        """The local CA clients trust (AWS_CA_BUNDLE); 0644, printed by `secretfs ca-bundle`."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.tls_dir / "ca.key"
+
+    @property
+    def server_certificate(self) -> Path:
+        """The server certificate followed by the CA."""
+        return self.tls_dir / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.tls_dir / "server.key"
+
     def exists(self) -> bool:
         return self.config.exists()
 

@@ -22,6 +22,7 @@ import pytest
 import secretfs
 from secretfs import cli
 from secretfs.model import ResourceNotFoundException
+from secretfs.options import MountOptions, OptionsError
 from secretfs.state import DEFAULT_ACCOUNT_ID, DEFAULT_REGION
 
 ARN = "arn:aws:secretsmanager:us-east-1:000000000000:secret:prod/db-AbCdEf"
@@ -97,14 +98,14 @@ def daemon(monkeypatch) -> types.ModuleType:
     module.DaemonError = FakeDaemonError
     module.calls = []
 
-    def init_state(state_dir, *, region, account_id):
+    def init_state(state_dir, *, region, account_id, tls_hostnames=()):
         module.calls.append(("init_state", state_dir, region, account_id))
         if state_dir.name == "taken":
             raise FileExistsError(state_dir)
         return {"StateDir": str(state_dir), "Region": region, "AccountId": account_id}
 
-    def mount(mountpoint, state_dir, *, foreground, debug=False, strict_names=False):
-        module.calls.append(("mount", mountpoint, state_dir, foreground, debug))
+    def mount(mountpoint, state_dir, *, foreground, options):
+        module.calls.append(("mount", mountpoint, state_dir, foreground, options))
         if mountpoint.name == "busy":
             raise FakeDaemonError(f"{mountpoint} is already mounted\n(see daemon.log)")
 
@@ -192,9 +193,9 @@ def test_aws_verb_translates_to_action_and_params(argv, action, params):
 def test_exposed_verbs_are_exactly_the_listed_actions():
     verbs = set(verb_parser(None).choices)
     assert verbs == {cli.xform_name(action, "-") for action in cli.AWS_ACTIONS} | {
-        "init", "mount", "umount", "create-key", "list-keys", "version", "audit",
+        "init", "ca-bundle", "mount", "umount", "create-key", "list-keys", "version", "audit",
         "put-identity-policy", "get-identity-policy", "delete-identity-policy",
-        "list-identity-policies"}
+        "list-identity-policies", "create-access-key", "list-access-keys", "delete-access-key"}
 
 
 @pytest.mark.parametrize("action", cli.AWS_ACTIONS)
@@ -626,13 +627,35 @@ def test_init_twice_is_one_line_exit_1(daemon, capsys, tmp_path):
 def test_mount_and_umount_call_the_daemon(daemon, tmp_path):
     assert cli.main(["mount", str(tmp_path / "mnt"), "--state-dir", str(tmp_path),
                      "--foreground", "--debug"]) == 0
-    assert cli.main(["mount", str(tmp_path / "mnt")]) == 0
+    assert cli.main(["mount", str(tmp_path / "mnt"), "--listen", "127.0.0.1:8443",
+                     "--strict-names"]) == 0
     assert cli.main(["umount", str(tmp_path / "mnt"), "--lazy"]) == 0
     assert daemon.calls == [
-        ("mount", tmp_path / "mnt", tmp_path, True, True),
-        ("mount", tmp_path / "mnt", Path("/var/lib/secretfs"), False, False),
+        ("mount", tmp_path / "mnt", tmp_path, True, MountOptions(debug=True)),
+        ("mount", tmp_path / "mnt", Path("/var/lib/secretfs"), False,
+         MountOptions(strict_names=True, listen="127.0.0.1:8443")),
         ("unmount", tmp_path / "mnt", True),
     ]
+
+
+def test_mount_options_reach_the_daemon_process_whole():
+    """The detached daemon gets the options as flags: what it parses is what was given."""
+    import argparse
+
+    given = MountOptions(debug=True, strict_names=True, listen="[::1]:8443",
+                         tls_certificate="/etc/c.pem", tls_key="/etc/k.pem")
+    parser = argparse.ArgumentParser()
+    MountOptions.add_arguments(parser)
+    assert MountOptions.from_args(parser.parse_args(given.argv())) == given
+    assert given.endpoint() == ("::1", 8443)
+    assert MountOptions(listen="127.0.0.1:80", plain_http=True).endpoint() == ("127.0.0.1", 80)
+    for listen, plain in (("8443", False), ("host:99999", False), ("10.0.0.1:80", True)):
+        with pytest.raises(OptionsError):
+            MountOptions(listen=listen, plain_http=plain).endpoint()
+    config = {"Listen": "127.0.0.1:9443", "PlainHttp": True}
+    assert MountOptions().with_config(config) == MountOptions(listen="127.0.0.1:9443",
+                                                              plain_http=True)
+    assert MountOptions(listen="127.0.0.1:1").with_config(config).listen == "127.0.0.1:1"
 
 
 def test_daemon_error_is_one_line_exit_1(daemon, capsys, tmp_path):

@@ -1182,6 +1182,9 @@ def _every_action(v1: str, v2: str) -> list[tuple[str, dict]]:
         ("ListIdentityPolicies", {}),
         ("RotateSecret", {"SecretId": "s", "RotationLambdaARN": "secretfs:random-password"}),
         ("CancelRotateSecret", {"SecretId": "s"}),
+        ("CreateAccessKey", {"Principal": "uid:1000"}),
+        ("ListAccessKeys", {}),
+        ("DeleteAccessKey", {"AccessKeyId": "AKSF" + "A" * 16}),
     ]
 
 
@@ -1197,7 +1200,7 @@ def test_every_action_is_covered_by_the_denial_test(svc):
     assert covered == svc.AWS_ACTIONS | svc.EXTENSION_ACTIONS
 
 
-@pytest.mark.parametrize("index", range(26))
+@pytest.mark.parametrize("index", range(29))
 def test_non_root_caller_is_denied_every_action(env, call, svc, user, index):
     v1 = call("CreateSecret", Name="s", SecretString="one",
               Tags=[{"Key": "team", "Value": "db"}])["VersionId"]

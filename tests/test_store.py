@@ -86,8 +86,9 @@ def test_schema_version_is_recorded(env):
             "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         tables = {name for (name,) in connection.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert int(version) == SCHEMA_VERSION == 3
-    assert {"meta", "secrets", "tags", "versions", "labels", "identity_policies"} <= tables
+    assert int(version) == SCHEMA_VERSION == 4
+    assert {"meta", "secrets", "tags", "versions", "labels", "identity_policies",
+            "access_keys"} <= tables
 
 
 def test_a_version_1_store_is_upgraded_in_place(tmp_path):
@@ -107,7 +108,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path):
         assert reader.resource_policies() == {}
     with closing(sqlite3.connect(path)) as check:
         assert check.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("3",)
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == ("4",)
         assert check.execute("SELECT name FROM sqlite_master WHERE type = 'index'"
                              " AND name = 'secrets_by_rotation_due'").fetchone()
 

@@ -17,6 +17,7 @@ import http
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 from collections.abc import Callable
@@ -27,7 +28,7 @@ import h11
 import trio
 
 from secretfs import identity, model
-from secretfs.api import protocol
+from secretfs.api import protocol, sigv4
 from secretfs.identity import Caller
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,76 @@ async def serve_unix(
             if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
                 path.unlink()
         sock.close()
+
+
+def _peer_address(stream: trio.abc.Stream) -> str | None:
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(transport, trio.SocketStream):
+        return None
+    return transport.socket.getpeername()[0]
+
+
+def signature_authenticator(service, *, source: str) -> AuthenticatorFactory:
+    """Requests on the network are signed with Signature Version 4: the access key
+    that signed one (a stored key, or a rotation step's) names its caller."""
+
+    def for_connection(stream: trio.abc.Stream) -> Authenticator:
+        address = _peer_address(stream)
+
+        def authenticate(request: Request) -> Caller:
+            callers: list[Caller] = []
+
+            def secret_for(key_id: str) -> str | None:
+                found = service.network_credentials(key_id, source=source, address=address)
+                if found is None:
+                    return None
+                callers.append(found[1])
+                return found[0]
+
+            try:
+                sigv4.verify(request.method, request.target, list(request.headers),
+                             request.body, region=service.region, secret_for=secret_for)
+            except model.SecretsManagerError as error:
+                service.record_refused(request.header("x-amz-target"), error, source=source,
+                                       address=address,
+                                       access_key=sigv4.claimed_key(request.headers))
+                raise
+            return callers[0]
+
+        return authenticate
+
+    return for_connection
+
+
+async def serve_network(
+    service,
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    limiter: trio.CapacityLimiter | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the API over TCP — HTTPS with `ssl_context`, else plain HTTP, which the
+    caller allows on loopback only — until cancelled. Starts with the bound addresses."""
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = [listener.socket.getsockname()[:2] for listener in listeners]
+    source = identity.HTTPS if ssl_context is not None else identity.HTTP
+    authenticator = signature_authenticator(service, source=source)
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                wrapped: trio.abc.Listener = listener
+                if ssl_context is not None:
+                    wrapped = trio.SSLListener(listener, ssl_context, https_compatible=True)
+                await nursery.start(functools.partial(
+                    serve_listener, service, wrapped, authenticator, limiter=limiter,
+                    limits=limits))
+            task_status.started(bound)
+    finally:
+        for listener in listeners:
+            await listener.aclose()
 
 
 async def _bind_unix(path: Path) -> trio.socket.SocketType:

@@ -7,11 +7,14 @@ rotation settings in the environment (AWS's templates read EXCLUDE_CHARACTERS
 and the like from theirs), AWS_REGION, and the step's RotationToken. The handler
 is called as Lambda calls it, `handler(event, context)`.
 
-A Secrets Manager client the handler makes with boto3's default session reaches
-this daemon: each request is handed, as botocore prepared it, to the control
-socket, under the rotation's principal (the token), before botocore would send
-it anywhere. The endpoint in the environment names a host that can't resolve, so
-a request that escaped that route would fail rather than reach another service.
+When the daemon serves the network endpoint, the environment points boto3 at it
+(AWS_ENDPOINT_URL_SECRETS_MANAGER, SECRETS_MANAGER_ENDPOINT, AWS_CA_BUNDLE) with an
+access key pair valid while the step runs. Otherwise a Secrets Manager client the
+handler makes with boto3's default session still reaches this daemon: each request
+is handed, as botocore prepared it, to the control socket, under the rotation's
+principal (the token), before botocore would send it anywhere. The endpoint in the
+environment then names a host that can't resolve, so a request that escaped that
+route would fail rather than reach another service.
 
 The handler's own output goes nowhere. On failure the exit status is 1 and the
 only thing this writes (to its original stdout) is the exception's class name: a
@@ -102,14 +105,16 @@ def main(argv: list[str]) -> int:
     _silence()
     try:
         event = json.load(sys.stdin)
-        for name in ("AWS_ENDPOINT_URL_SECRETS_MANAGER", "SECRETS_MANAGER_ENDPOINT"):
-            os.environ.setdefault(name, UNREACHABLE_ENDPOINT)
-        # botocore signs before it sends; the route answers before anything is sent,
-        # and the daemon knows the caller by the token, so any key will do.
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "SECRETFSROTATION")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "unused")
-        route_boto3_to_daemon(StateDir(resolve_state_dir()).socket,
-                              os.environ.get(ROTATION_TOKEN_ENV))
+        if "AWS_ENDPOINT_URL_SECRETS_MANAGER" not in os.environ:
+            # No network endpoint: over the control socket.
+            for name in ("AWS_ENDPOINT_URL_SECRETS_MANAGER", "SECRETS_MANAGER_ENDPOINT"):
+                os.environ[name] = UNREACHABLE_ENDPOINT
+            # botocore signs before it sends; the route answers before anything is sent,
+            # and the daemon knows the caller by the token, so any key will do.
+            os.environ["AWS_ACCESS_KEY_ID"] = "SECRETFSROTATION"
+            os.environ["AWS_SECRET_ACCESS_KEY"] = "unused"
+            route_boto3_to_daemon(StateDir(resolve_state_dir()).socket,
+                                  os.environ.get(ROTATION_TOKEN_ENV))
         handler = getattr(importlib.import_module(module_name), function_name)
         handler(event, LambdaContext(argv[0], float(os.environ.get(TIMEOUT_ENV, "300"))))
     except Exception as error:  # the class only: a message may quote a value

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
-from secretfs.identity import ROTATION_TOKEN_ENV
+from secretfs.identity import ROTATION_TOKEN_ENV, rotation_access_key
 from secretfs.model import (
     InvalidParameterException,
     InvalidRequestException,
@@ -160,6 +160,11 @@ def finish(secret_id: str, token: str, client: Client) -> None:
 # The python rotator's time limit, for its handler's context.
 TIMEOUT_ENV = "SECRETFS_ROTATION_TIMEOUT"
 _ENVIRONMENT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_AWS_CLIENT_SETTINGS = frozenset({
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SECRETS_MANAGER", "SECRETS_MANAGER_ENDPOINT",
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+    "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE", ROTATION_TOKEN_ENV,
+})
 
 
 class Exec:
@@ -177,10 +182,13 @@ class Exec:
     """
 
     def __init__(self, program: str, *, state_dir: str | None, region: str | None = None,
+                 endpoint: str | None = None, ca_bundle: str | None = None,
                  timeout: float = 300.0):
         self.program = program
         self.state_dir = state_dir
         self.region = region
+        self.endpoint = endpoint
+        self.ca_bundle = ca_bundle
         self.timeout = timeout
 
     def command(self) -> list[str]:
@@ -203,14 +211,26 @@ class Exec:
             raise RuntimeError(self.failure(event["Step"], result))
 
     def environment(self, event: dict, settings: dict[str, str]) -> dict[str, str]:
-        environment = dict(os.environ)
+        # What the daemon was started with says nothing about where a rotator's AWS
+        # SDK should go or as whom: that is this daemon, as this rotation's principal.
+        environment = {name: value for name, value in os.environ.items()
+                       if name not in _AWS_CLIENT_SETTINGS}
         environment.update((name, value) for name, value in settings.items()
                            if _ENVIRONMENT_NAME.fullmatch(name))
-        environment[ROTATION_TOKEN_ENV] = event["RotationToken"]
+        token = event["RotationToken"]
+        environment[ROTATION_TOKEN_ENV] = token
         if self.state_dir:
             environment["SECRETFS_STATE_DIR"] = self.state_dir
         if self.region:
             environment["AWS_REGION"] = environment["AWS_DEFAULT_REGION"] = self.region
+        if self.endpoint:
+            # The network endpoint, with a key pair valid while this step runs.
+            environment["AWS_ENDPOINT_URL_SECRETS_MANAGER"] = self.endpoint
+            environment["SECRETS_MANAGER_ENDPOINT"] = self.endpoint
+            key_id, secret = rotation_access_key(token)
+            environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"] = key_id, secret
+            if self.ca_bundle:
+                environment["AWS_CA_BUNDLE"] = self.ca_bundle
         return environment
 
     def failure(self, step: str, result: subprocess.CompletedProcess) -> str:
@@ -244,12 +264,19 @@ class Python(Exec):
         return super().failure(step, result)
 
 
-def rotator_for(name: str, *, state_dir: str | None = None,
-                region: str | None = None) -> Rotator:
+def rotator_for(name: str, *, state_dir: str | None = None, region: str | None = None,
+                endpoint: str | None = None, ca_bundle: str | None = None) -> Rotator:
+    """The rotator a RotationLambdaARN names. Programs learn the daemon's state
+    directory, region and (when it serves one) network endpoint and its CA bundle."""
     if name == "secretfs:random-password":
         return RandomPassword()
+    where = {"state_dir": state_dir, "region": region, "endpoint": endpoint,
+             "ca_bundle": ca_bundle}
     if name.startswith("exec:"):
-        return Exec(name.removeprefix("exec:"), state_dir=state_dir, region=region)
+        return Exec(name.removeprefix("exec:"), **where)
     if name.startswith("python:"):
-        return Python(name.removeprefix("python:"), state_dir=state_dir, region=region)
+        return Python(name.removeprefix("python:"), **where)
+    if name.startswith(("secretfs:postgresql-", "secretfs:mysql-")):
+        from secretfs.rotation import databases  # the database drivers load only when used
+        return databases.rotator_for(name)
     raise InvalidRequestException(f"The rotator {name} can't run on this host yet.")

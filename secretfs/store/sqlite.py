@@ -1,6 +1,6 @@
 """The embedded SQLite store.
 
-Schema (version 3), dates are epoch seconds (UTC) as REAL:
+Schema (version 4), dates are epoch seconds (UTC) as REAL:
 
     meta      (key PRIMARY KEY, value)            -- schema_version, created
     secrets   (id PRIMARY KEY AUTOINCREMENT,       -- ids are never reused, so an
@@ -15,6 +15,8 @@ Schema (version 3), dates are epoch seconds (UTC) as REAL:
     labels    (secret_id, label, version_id)      -- a label is on at most one version
     identity_policies (principal, name, document, created)       -- schema 2
     secrets_by_rotation_due: an index on when each rotation is due   -- schema 3
+    access_keys (access_key_id, principal, ciphertext, wrapped_key,  -- schema 4
+                 key_id, created)
 
 `path` is the secret's directory below the mountpoint (its name's segments
 without empty ones); it is unique so two names never share a directory.
@@ -37,7 +39,7 @@ from pathlib import Path
 from secretfs.model import Secret, Version
 from secretfs.store import SealedValue, SecretRow, StoreError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -110,6 +112,17 @@ CREATE TABLE identity_policies (
 """,
     # The rotation runner's "what is due next" without a walk over every secret.
     3: f"CREATE INDEX secrets_by_rotation_due ON secrets{_ROTATION_DUE} WHERE {_ROTATING}",
+    # Access keys for the network endpoint: the secret half sealed like a value.
+    4: """
+CREATE TABLE access_keys (
+    access_key_id TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    ciphertext BLOB NOT NULL,
+    wrapped_key BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    created REAL NOT NULL
+);
+""",
 }
 
 # GCM adds a 12-byte nonce and a 16-byte tag to the plaintext.
@@ -246,6 +259,21 @@ class Reader:
             " AND due >= 0 ORDER BY due LIMIT 1").fetchone()
         return found[0] if found else None
 
+    def access_keys(self) -> list[tuple[str, str, datetime]]:
+        """(access key id, principal, created) of every access key."""
+        return [(key_id, principal, _ts(created)) for key_id, principal, created in
+                self.db.execute("SELECT access_key_id, principal, created FROM access_keys"
+                                " ORDER BY principal, created")]
+
+    def access_key(self, access_key_id: str) -> tuple[str, SealedValue] | None:
+        """An access key's principal and its sealed secret half."""
+        found = self.db.execute(
+            "SELECT principal, ciphertext, wrapped_key, key_id FROM access_keys"
+            " WHERE access_key_id = ?", (access_key_id,)).fetchone()
+        if found is None:
+            return None
+        return found[0], SealedValue(bytes(found[1]), bytes(found[2]), found[3], False)
+
     def expired(self, now: float) -> list[int]:
         return [row[0] for row in self.db.execute(
             "SELECT id FROM secrets WHERE deleted IS NOT NULL AND deleted <= ?", (now,))]
@@ -334,6 +362,18 @@ class Writer(Reader):
         return self.db.execute(
             "DELETE FROM identity_policies WHERE principal = ? AND name = ?",
             (principal, name)).rowcount > 0
+
+    def put_access_key(self, access_key_id: str, principal: str, sealed: SealedValue,
+                       created: datetime) -> None:
+        self.db.execute(
+            "INSERT INTO access_keys (access_key_id, principal, ciphertext, wrapped_key,"
+            " key_id, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (access_key_id, principal, sealed.ciphertext, sealed.wrapped_key, sealed.key_id,
+             _epoch(created)))
+
+    def delete_access_key(self, access_key_id: str) -> bool:
+        return self.db.execute("DELETE FROM access_keys WHERE access_key_id = ?",
+                               (access_key_id,)).rowcount > 0
 
     def delete_secret(self, secret_id: int) -> None:
         self.db.execute("DELETE FROM secrets WHERE id = ?", (secret_id,))
