@@ -268,15 +268,25 @@ class AuditLog:
 
     # --- the hot path ---
 
-    def record(self, event: dict) -> None:
+    def record(self, event: dict, *, handed_over: bool = False) -> None:
         """Queue one event, stamped with its time and id. Never does I/O; thread-safe.
         Raises ValueError for an event holding a secret value or lacking eventName,
-        TypeError for one JSON cannot hold."""
+        TypeError for one JSON cannot hold.
+
+        `handed_over`: the caller built the event just now from strings, numbers and
+        lists and dicts of them, and will never touch it again (the decision records
+        of the hot path), so it is queued as it is instead of checked and copied deep.
+        """
         if type(event) is not dict or type(event.get("eventName")) is not str:
             raise ValueError("an audit event is a dict with an eventName string")
+        if handed_over:
+            if not FORBIDDEN_KEYS.isdisjoint(event):
+                raise ValueError("audit event refused: it holds a secret value")
+        else:
+            event = _clean(event)
         # The time and the id are fixed now; turning them into text waits for flush(),
         # off the hot path.
-        entry = (_clean(event), self._clock(), os.urandom(16))
+        entry = (event, self._clock(), os.urandom(16))
         with self._lock:
             if len(self._queue) >= self.max_pending:
                 self._dropped += 1

@@ -21,7 +21,6 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 
 FUSE = "fuse"
 UNIX_SOCKET = "unix-socket"
@@ -104,6 +103,23 @@ class Sessions:
 SYSTEM = Caller(uid=0, gid=0, pid=0, source=INTERNAL)
 
 
+class _lazy:  # noqa: N801 - used as a decorator, like functools.cached_property
+    """Computed on first use, then a plain attribute of the instance. Unlike
+    functools.cached_property on Python 3.11 it takes no lock: an Identity lives in
+    one request, and this is the filesystem's hot path."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
+
+
 def _unit_of(cgroup: str | None) -> str | None:
     """The systemd unit a cgroup path names: its innermost .service or .scope."""
     if not cgroup:
@@ -172,11 +188,11 @@ class Identity:
     def source(self) -> str:
         return self.caller.source
 
-    @cached_property
+    @_lazy
     def user(self) -> str | None:
         return self.names.user(self.uid)
 
-    @cached_property
+    @_lazy
     def gids(self) -> frozenset[int]:
         """Primary and supplementary groups: the process's own, else the user's."""
         groups = {self.gid}
@@ -191,12 +207,12 @@ class Identity:
                 groups.update(os.getgrouplist(self.user, self.gid))
         return frozenset(groups)
 
-    @cached_property
+    @_lazy
     def groups(self) -> frozenset[str]:
         names = (self.names.group(gid) for gid in self.gids)
         return frozenset(name for name in names if name is not None)
 
-    @cached_property
+    @_lazy
     def exe(self) -> str | None:
         if self.pid <= 0:
             return None
@@ -205,17 +221,20 @@ class Identity:
         except OSError:
             return None
 
-    @cached_property
+    @_lazy
     def cgroup(self) -> str | None:
         text = self._proc("cgroup")
         if not text:
             return None
-        for line in text.splitlines():
-            if line.startswith("0::"):  # the cgroup v2 hierarchy
-                return line[3:]
-        return text.splitlines()[0].split(":", 2)[-1]
+        # The cgroup v2 hierarchy's line, "0::<path>", else the first line's path.
+        if text.startswith("0::"):
+            rest = text[3:]
+        else:
+            found = text.find("\n0::")
+            rest = text[found + 4:] if found >= 0 else text.split(":", 2)[-1]
+        return rest.split("\n", 1)[0]
 
-    @cached_property
+    @_lazy
     def unit(self) -> str | None:
         return _unit_of(self.cgroup)
 

@@ -691,7 +691,7 @@ class Authorizer:
                                     version_id=version_id, stages=stages)
             if probe:
                 record["probe"] = "access"
-            self.audit.record(record)
+            self.audit.record(record, handed_over=True)
         if not probe:
             deny(decision, who, action, secret.arn if secret is not None else None)
         return decision
