@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Install everything secretfs needs on Debian from nothing: the FUSE 3 library and
-# headers pyfuse3 builds against, the tools the tests drive, a virtualenv in .venv
-# with secretfs and its test extras. Safe to run again.
+# headers pyfuse3 builds against and a virtualenv in .venv with secretfs. With
+# --test, also what the tests drive (throw-away users, bubblewrap, PostgreSQL and
+# MariaDB servers) and the test extras. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# postgresql and mariadb-server: the database rotators' tests start throw-away servers
-# of their own (the system services they may start are never used).
-PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev util-linux passwd
-          bubblewrap sqlite3 postgresql mariadb-server mariadb-client)
+PACKAGES=(fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev)
+EXTRAS=""
+if [ "${1:-}" = "--test" ]; then
+    # postgresql and mariadb-server: the database rotators' tests start throw-away
+    # servers of their own (the system services they may start are never used).
+    PACKAGES+=(util-linux passwd bubblewrap sqlite3 postgresql mariadb-server mariadb-client)
+    EXTRAS="[test]"
+fi
 missing=()
 for package in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
@@ -28,5 +33,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".${EXTRAS}"
 echo "secretfs setup: ready ($(.venv/bin/secretfs version))"

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then exec sudo "$0" "$@"; fi
-scripts/setup.sh
+scripts/setup.sh --test
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
