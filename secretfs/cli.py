@@ -1,7 +1,7 @@
 """The `secretfs` command: argument parsing, request building and output formatting.
 
 Owns the verbs `init`, `ca-bundle`, `mount`, `umount`, `version`, the key verbs
-`create-key` and `list-keys`, the client verbs named like `aws secretsmanager`, whose flags are
+`create-key`, `list-keys` and `export-master-key`, the client verbs named like `aws secretsmanager`, whose flags are
 derived from botocore's service model so they match the AWS CLI flag for flag, and
 `audit verify|tail|search`. Client verbs only talk to the daemon through
 `secretfs.api.client`; the audit verbs read the audit log's files directly (through
@@ -301,8 +301,25 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                      help="Another host name or IP address for the HTTPS endpoint's "
                           "certificate, besides localhost, 127.0.0.1, ::1 and this host's "
                           "names (repeatable).")
+    sub.add_argument("--master-key-from-credential", action="store_true",
+                     help="Keep the master key out of keys.json: print it (and nothing "
+                          "else) on standard output for 'systemd-creds encrypt "
+                          "--name=secretfs-master-key - FILE'; the daemon then needs that "
+                          "credential. The summary goes to standard error.")
     _add_output_options(sub)
     sub.set_defaults(run=_run_init)
+
+    sub = verbs.add_parser(
+        "export-master-key", allow_abbrev=False,
+        help="Print the master key, the content of the systemd credential "
+             "secretfs-master-key.",
+        description="Print the local master key (base64) for 'systemd-creds encrypt "
+                    "--name=secretfs-master-key - /etc/credstore.encrypted/"
+                    "secretfs-master-key'. keys.json is unchanged until the daemon "
+                    "first starts with that credential, which then seals keys.json's "
+                    "key material under it.")
+    _add_state_dir(sub)
+    sub.set_defaults(run=_run_export_master_key)
 
     sub = verbs.add_parser(
         "ca-bundle", allow_abbrev=False,
@@ -314,6 +331,22 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                     "AWS_CA_BUNDLE at that file.")
     _add_state_dir(sub)
     sub.set_defaults(run=_run_ca_bundle)
+
+    sub = verbs.add_parser(
+        "set-presentation", allow_abbrev=False,
+        help="Set the owner, group and mode a secret's files show in the mount.",
+        description="Write the secret's secretfs:owner, secretfs:group and secretfs:mode "
+                    "tags (with --key, secretfs:owner:KEY etc. for one JSON key's file). "
+                    "Presentation only: the policies still decide every open.")
+    sub.add_argument("--secret-id", required=True, help="The secret's name or ARN.")
+    sub.add_argument("--owner", help="A user name or uid.")
+    sub.add_argument("--group", help="A group name or gid.")
+    sub.add_argument("--mode", help="Read bits only, in octal: 0400, 0440 or 0444.")
+    sub.add_argument("--key", help="Only this JSON key's file.")
+    sub.add_argument("--clear", action="store_true",
+                     help="Remove these tags instead (the secret's files, or --key's).")
+    _add_state_dir(sub)
+    sub.set_defaults(run=_run_set_presentation)
 
     sub = verbs.add_parser("mount", help="Start the daemon and mount the secrets filesystem.",
                            allow_abbrev=False)
@@ -724,6 +757,28 @@ def _run_client_verb(request: Request) -> int:
     return EXIT_OK
 
 
+def _run_set_presentation(args: argparse.Namespace) -> int:
+    from secretfs import presentation
+
+    suffix = f":{args.key}" if args.key is not None else ""
+    chosen = {presentation.OWNER: args.owner, presentation.GROUP: args.group,
+              presentation.MODE: args.mode}
+    if args.clear:
+        if any(value is not None for value in chosen.values()):
+            raise UsageError("secretfs set-presentation: --clear takes no --owner, --group "
+                             "or --mode")
+        action, params = "UntagResource", {"TagKeys": [key + suffix for key in chosen]}
+    else:
+        tags = [{"Key": key + suffix, "Value": value}
+                for key, value in chosen.items() if value is not None]
+        if not tags:
+            raise UsageError("secretfs set-presentation: give --owner, --group, --mode "
+                             "or --clear")
+        action, params = "TagResource", {"Tags": tags}
+    return _run_client_verb(Request(action, {"SecretId": args.secret_id, **params}, False,
+                                    OutputOptions(), resolve_state_dir(args.state_dir)))
+
+
 def _run_init(args: argparse.Namespace) -> int:
     from secretfs import daemon
 
@@ -731,12 +786,39 @@ def _run_init(args: argparse.Namespace) -> int:
     state_dir = resolve_state_dir(args.state_dir)
     try:
         summary = daemon.init_state(state_dir, region=args.region, account_id=args.account_id,
-                                    tls_hostnames=tuple(args.tls_hostnames))
+                                    tls_hostnames=tuple(args.tls_hostnames),
+                                    **({"sealed": True} if args.master_key_from_credential
+                                       else {}))
     except FileExistsError:
         raise CommandError(f"{state_dir} is already initialized") from None
     except daemon.DaemonError as exc:
         raise CommandError(str(exc)) from None
+    master_key = summary.pop("MasterKey", None)
+    if master_key is not None:
+        sys.stderr.write(format_response(summary, output))
+        _write_binary(master_key)
+        return EXIT_OK
     sys.stdout.write(format_response(summary, output))
+    return EXIT_OK
+
+
+def _write_binary(data: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def _run_export_master_key(args: argparse.Namespace) -> int:
+    from secretfs.crypto.local import export_master_key
+
+    state = StateDir(resolve_state_dir(args.state_dir))
+    try:
+        config = state.read_config()
+        key = export_master_key(state.keys, region=config["Region"],
+                                account_id=config["AccountId"])
+    except (ValueError, KeyError) as exc:
+        raise CommandError(str(exc)) from None
+    _write_binary(key)
     return EXIT_OK
 
 

@@ -54,9 +54,11 @@ class DaemonError(Exception):
 # --- the state directory ---------------------------------------------------------------
 
 def init_state(state_dir: Path, *, region: str, account_id: str,
-               tls_hostnames: tuple[str, ...] = ()) -> dict:
+               tls_hostnames: tuple[str, ...] = (), sealed: bool = False) -> dict:
     """Create the SQLite store and the local master key file (both 0600, root's), and
-    the HTTPS endpoint's local CA and server certificate (also naming `tls_hostnames`)."""
+    the HTTPS endpoint's local CA and server certificate (also naming `tls_hostnames`).
+    `sealed`: the key file never holds the master key; the summary's "MasterKey" is the
+    content of the systemd credential the daemon will need (see crypto/local.py)."""
     from secretfs import tls
     from secretfs.crypto import LocalKeyProvider
     from secretfs.store.sqlite import SqliteStore
@@ -72,7 +74,8 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
     try:
         state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state.root, 0o700)
-        keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id)
+        keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id,
+                                       sealed=sealed)
         SqliteStore.create(state.database)
         tls.create_authority(state.tls_dir, hostnames=tls_hostnames)
         state.write_config({
@@ -85,7 +88,21 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
             "Store": str(state.database), "KeyFile": str(state.keys),
             "DefaultKey": keys.key_arn(keys.resolve(None)),
             "CaBundle": str(state.ca_certificate),
-            "ServerCertificate": str(state.server_certificate)}
+            "ServerCertificate": str(state.server_certificate),
+            **({"MasterKey": keys.master_key()} if sealed else {})}
+
+
+def _master_key_credential() -> bytes | None:
+    """The master key systemd passed as the credential secretfs-master-key, if it did."""
+    from secretfs.crypto.local import credential_path, read_credential
+
+    path = credential_path()
+    if path is None:
+        return None
+    try:
+        return read_credential(path)
+    except (OSError, ValueError) as error:
+        raise DaemonError(f"can't read the master key credential: {error}") from None
 
 
 def open_service(state: StateDir, *, audit=None):
@@ -96,7 +113,14 @@ def open_service(state: StateDir, *, audit=None):
 
     config = state.read_config()
     region, account_id = config["Region"], config["AccountId"]
-    keys = LocalKeyProvider.load(state.keys, region=region, account_id=account_id)
+    credential = _master_key_credential()
+    try:
+        keys = LocalKeyProvider.load(state.keys, region=region, account_id=account_id,
+                                     credential=credential)
+    except ValueError as error:
+        raise DaemonError(str(error)) from None
+    if keys.sealed:
+        log.info("master key from the systemd credential; %s holds it only sealed", state.keys)
     store = SqliteStore(state.database)
     return SecretsManagerService(store, keys, region=region, account_id=account_id,
                                  authorizer=Authorizer(audit=audit))
@@ -111,6 +135,27 @@ def harden_process() -> None:
     pr_set_dumpable = 4
     if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
         log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+_MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
+
+
+def lock_memory() -> bool:
+    """mlockall, so plaintext never reaches swap. Pages are locked as they are first
+    touched (MCL_ONFAULT): idle thread stacks and arenas stay unpopulated. Refused
+    (EPERM without CAP_IPC_LOCK, ENOMEM past RLIMIT_MEMLOCK) it is a warning, not an
+    error: the daemon serves unlocked rather than not at all."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    flags = _MCL_CURRENT | _MCL_FUTURE
+    result = libc.mlockall(flags | _MCL_ONFAULT)
+    if result != 0 and ctypes.get_errno() == errno.EINVAL:  # a kernel before 4.4
+        result = libc.mlockall(flags)
+    if result != 0:
+        log.warning("--lock-memory: mlockall failed (%s); serving with memory that may be "
+                    "swapped out (grant CAP_IPC_LOCK or raise LimitMEMLOCK=)",
+                    os.strerror(ctypes.get_errno()))
+        return False
+    return True
 
 
 def _lock_state(state: StateDir):
@@ -216,8 +261,10 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
             audit = AuditLog(state.audit_dir)
         except AuditError as error:
             raise DaemonError(str(error)) from None
-        service = open_service(state, audit=audit)
         options = options.with_config(state.read_config())
+        if options.lock_memory:  # before any key or secret is in memory
+            lock_memory()
+        service = open_service(state, audit=audit)
         endpoint, ssl_context = _endpoint(state, options)
         _prepare_mountpoint(mountpoint)
         operations = SecretsOperations(service, strict_names=options.strict_names)

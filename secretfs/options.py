@@ -15,7 +15,8 @@ class OptionsError(ValueError):
 class MountOptions:
     """How a daemon serves: given to `secretfs mount`, handed on to the detached child.
     The network endpoint may also come from the state directory's config.json
-    ("Listen", "TlsCertificate", "TlsKey", "PlainHttp"); flags win."""
+    ("Listen", "TlsCertificate", "TlsKey", "PlainHttp"), and so may "LockMemory": true;
+    flags win."""
 
     debug: bool = False
     strict_names: bool = False
@@ -23,6 +24,7 @@ class MountOptions:
     tls_certificate: str | None = None
     tls_key: str | None = None
     plain_http: bool = False
+    lock_memory: bool = False  # mlockall: keep plaintext out of swap (a warning if refused)
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +43,11 @@ class MountOptions:
                             help="The key of --tls-cert.")
         parser.add_argument("--plain-http", action="store_true",
                             help="Serve --listen without TLS (loopback addresses only).")
+        parser.add_argument(
+            "--lock-memory", action="store_true",
+            help="Lock the daemon's memory (mlockall) so secrets are never swapped out; "
+                 "needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK, else it warns "
+                 "and serves unlocked.")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MountOptions:
@@ -59,10 +66,13 @@ class MountOptions:
         return out
 
     def with_config(self, config: dict) -> MountOptions:
-        """The endpoint settings of config.json where no flag gave them."""
-        if self.listen is not None or not config.get("Listen"):
-            return self
-        return replace(self, listen=config["Listen"],
+        """The settings of config.json where no flag gave them."""
+        options = self
+        if config.get("LockMemory") is True:
+            options = replace(options, lock_memory=True)
+        if options.listen is not None or not config.get("Listen"):
+            return options
+        return replace(options, listen=config["Listen"],
                        tls_certificate=self.tls_certificate or config.get("TlsCertificate"),
                        tls_key=self.tls_key or config.get("TlsKey"),
                        plain_http=self.plain_http or bool(config.get("PlainHttp")))

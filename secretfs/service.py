@@ -25,12 +25,12 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from secretfs import model, policy
+from secretfs import model, policy, presentation, templates
 from secretfs.access_keys import AccessKeys, principal_caller
 from secretfs.catalog import Catalog
 from secretfs.crypto import KeyProvider
 from secretfs.crypto.envelope import Sealed, seal, unseal
-from secretfs.identity import SYSTEM, Caller, Sessions
+from secretfs.identity import SYSTEM, Caller, Identity, Sessions
 from secretfs.model import (
     AWSCURRENT,
     AWSPENDING,
@@ -354,7 +354,7 @@ class SecretsManagerService:
         if Type:
             raise InvalidParameterException("secretfs doesn't support managed external secrets.")
         self._check_description(Description)
-        tags = model.validate_tags(Tags or [])
+        tags = self._validate_tags(Tags or [])
         if len(tags) > model.TAGS_MAX:
             raise InvalidParameterException(f"A secret can have at most {model.TAGS_MAX} tags.")
         value = self._value(SecretString, SecretBinary, required=False)
@@ -547,7 +547,7 @@ class SecretsManagerService:
     def tag_resource(self, caller: Caller, SecretId, Tags):
         secret = self._secret(SecretId)
         self._authorize(caller, "TagResource", secret)
-        new_tags = model.validate_tags(Tags)
+        new_tags = self._validate_tags(Tags)
 
         def change(writer, fresh: Secret):
             self._require_live(fresh)
@@ -560,6 +560,14 @@ class SecretsManagerService:
 
         self._mutate(secret.secret_id, change)
         return {}
+
+    @staticmethod
+    def _validate_tags(tags) -> list[tuple[str, str]]:
+        """AWS's tag rules, and secretfs's own tags: presentation and templates."""
+        pairs = model.validate_tags(tags)
+        presentation.validate(pairs)
+        templates.validate(pairs)
+        return pairs
 
     def untag_resource(self, caller: Caller, SecretId, TagKeys):
         secret = self._secret(SecretId)
@@ -1349,6 +1357,17 @@ class SecretsManagerService:
     def may_be_shared(self, secret: Secret) -> bool:
         """Whether a policy may let someone other than root read this secret."""
         return self.authorizer.policies.may_grant_read(secret)
+
+    def record_template_failure(self, caller: Caller, template: Secret, problem: str) -> None:
+        """Audit a template that could not be rendered: which one, and why (never a value)."""
+        audit = self.authorizer.audit
+        if audit is None:
+            return
+        record = policy.decision_event(Identity(caller), "RenderTemplate", template,
+                                       policy.Decision(True, "template"),
+                                       error_code=templates.TemplateError.code)
+        record["errorMessage"] = problem
+        audit.record(record)
 
     def read_version(self, secret: Secret, version_id: str) -> bytes:
         """The plaintext of one version; DecryptionFailure if its row was tampered with."""

@@ -193,9 +193,11 @@ def test_aws_verb_translates_to_action_and_params(argv, action, params):
 def test_exposed_verbs_are_exactly_the_listed_actions():
     verbs = set(verb_parser(None).choices)
     assert verbs == {cli.xform_name(action, "-") for action in cli.AWS_ACTIONS} | {
-        "init", "ca-bundle", "mount", "umount", "create-key", "list-keys", "version", "audit",
+        "init", "ca-bundle", "mount", "umount", "create-key", "list-keys", "export-master-key",
+        "version", "audit",
         "put-identity-policy", "get-identity-policy", "delete-identity-policy",
-        "list-identity-policies", "create-access-key", "list-access-keys", "delete-access-key"}
+        "list-identity-policies", "create-access-key", "list-access-keys", "delete-access-key",
+        "set-presentation"}
 
 
 @pytest.mark.parametrize("action", cli.AWS_ACTIONS)

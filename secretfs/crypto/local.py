@@ -8,12 +8,21 @@ values they protect.
 
 One process (the daemon) owns a key file; ``create_key`` rewrites it without locking
 against other processes.
+
+Sealed key files: the master key may come from a systemd credential instead
+(``LoadCredentialEncrypted=secretfs-master-key:...``, read from
+``$CREDENTIALS_DIRECTORY/secretfs-master-key``). The credential holds the default key's
+material (base64); the key file then keeps every key's id, aliases and dates, and each
+key's material only sealed (AES-256-GCM under a key derived from the credential), so the
+file alone opens nothing. A plaintext key file is sealed the first time it is loaded with
+a matching credential; ``export_master_key`` gives the credential's content.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import os
 import re
@@ -27,7 +36,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from secretfs.crypto.envelope import encode_fields
 from secretfs.files import fsync_directory
@@ -59,6 +70,61 @@ _ACCOUNT_RE = re.compile(r"^[0-9]{12}$")
 _REGION_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 _SHOWN_REF_MAX = 300
 
+# The systemd credential that may hold the master key, and how a key file says it is sealed.
+CREDENTIAL_NAME = "secretfs-master-key"
+_SEALED_BY = f"credential:{CREDENTIAL_NAME}"
+_SEAL_AAD_TAG = "secretfs/key-file-seal/v1"
+
+
+def credential_path() -> Path | None:
+    """``$CREDENTIALS_DIRECTORY/secretfs-master-key`` when systemd passed that credential."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / CREDENTIAL_NAME
+    return path if path.is_file() else None
+
+
+def read_credential(path: Path) -> bytes:
+    """The master key in a credential file: base64 text (what ``export_master_key``
+    prints), or the 32 raw bytes."""
+    raw = Path(path).read_bytes()
+    if len(raw) == MASTER_KEY_SIZE:
+        return raw
+    try:
+        material = base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        material = b""
+    if len(material) != MASTER_KEY_SIZE:
+        raise ValueError(f"credential {path} does not hold a {MASTER_KEY_SIZE}-byte master "
+                         "key in base64 (make it with 'secretfs export-master-key')")
+    return material
+
+
+class _Sealer:
+    """Seals key material in the key file under a key derived from the credential."""
+
+    def __init__(self, master: bytes):
+        self.master = master
+        kek = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                   info=_SEAL_AAD_TAG.encode()).derive(master)
+        self._aead = AESGCM(kek)
+
+    def seal(self, key_id: str, material: bytes) -> str:
+        nonce = os.urandom(_NONCE_SIZE)
+        body = self._aead.encrypt(nonce, material, encode_fields(_SEAL_AAD_TAG, key_id))
+        return base64.b64encode(nonce + body).decode("ascii")
+
+    def open(self, key_id: str, sealed: object) -> bytes:
+        try:
+            blob = base64.b64decode(sealed, validate=True)  # type: ignore[arg-type]
+            return self._aead.decrypt(blob[:_NONCE_SIZE], blob[_NONCE_SIZE:],
+                                      encode_fields(_SEAL_AAD_TAG, key_id))
+        except (binascii.Error, TypeError, ValueError, InvalidTag):
+            raise ValueError(f"key {key_id}: SealedKeyMaterial does not open with the "
+                             f"credential {CREDENTIAL_NAME} (not this key file's "
+                             "master key?)") from None
+
 
 @dataclass(frozen=True, slots=True)
 class _MasterKey:
@@ -76,17 +142,25 @@ class _MasterKey:
                    created=datetime.now(UTC), material=material, aead=AESGCM(material))
 
     @classmethod
-    def from_json(cls, entry: object) -> _MasterKey:
+    def from_json(cls, entry: object, sealer: _Sealer | None = None) -> _MasterKey:
         """One key from the file; messages name the field at fault, never its value."""
         if not isinstance(entry, dict):
             raise ValueError("a key entry is not an object")
         key_id = entry.get("KeyId")
         if not isinstance(key_id, str) or not _is_key_id(key_id):
             raise ValueError("a key entry has no valid KeyId")
-        try:
-            material = base64.b64decode(entry.get("KeyMaterial", ""), validate=True)
-        except (binascii.Error, TypeError, ValueError):
-            raise ValueError(f"key {key_id}: KeyMaterial is not base64") from None
+        if "SealedKeyMaterial" in entry:
+            if sealer is None:
+                raise ValueError(f"key {key_id}: its material is sealed, and no credential "
+                                 "was given to open it")
+            material = sealer.open(key_id, entry["SealedKeyMaterial"])
+        elif sealer is not None:
+            raise ValueError(f"key {key_id}: a sealed key file holds no plaintext KeyMaterial")
+        else:
+            try:
+                material = base64.b64decode(entry.get("KeyMaterial", ""), validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise ValueError(f"key {key_id}: KeyMaterial is not base64") from None
         if len(material) != MASTER_KEY_SIZE:
             raise ValueError(f"key {key_id}: KeyMaterial is not {MASTER_KEY_SIZE} bytes")
         aliases = entry.get("Aliases", [])
@@ -104,14 +178,18 @@ class _MasterKey:
         return cls(key_id=key_id, aliases=tuple(aliases), description=description,
                    created=created, material=material, aead=AESGCM(material))
 
-    def to_json(self) -> dict:
-        return {
+    def to_json(self, sealer: _Sealer | None = None) -> dict:
+        entry = {
             "KeyId": self.key_id,
             "Aliases": list(self.aliases),
             "Description": self.description,
             "CreationDate": self.created.isoformat(),
-            "KeyMaterial": base64.b64encode(self.material).decode("ascii"),
         }
+        if sealer is None:
+            entry["KeyMaterial"] = base64.b64encode(self.material).decode("ascii")
+        else:
+            entry["SealedKeyMaterial"] = sealer.seal(self.key_id, self.material)
+        return entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +220,7 @@ class LocalKeyProvider:
     """Master keys from a local key file; implements ``secretfs.crypto.KeyProvider``."""
 
     def __init__(self, path: Path, keys: Iterable[_MasterKey], *, region: str,
-                 account_id: str):
+                 account_id: str, sealer: _Sealer | None = None):
         # Use create() or load(); this only assembles a provider from keys already validated.
         if not isinstance(region, str) or not _REGION_RE.match(region):
             raise ValueError(f"invalid region {region!r}")
@@ -153,25 +231,45 @@ class LocalKeyProvider:
         self._account_id = account_id
         self._arn_prefix = f"arn:aws:kms:{region}:{account_id}:"
         self._index = _Index.build(keys)
+        self._sealer = sealer
+        if sealer is not None:
+            default = self._index.keys[self._index.ids_by_alias[DEFAULT_ALIAS]]
+            if not hmac.compare_digest(default.material, sealer.master):
+                raise ValueError(f"the credential {CREDENTIAL_NAME} is not the master key of "
+                                 f"key file {path} (see 'secretfs export-master-key')")
         self._lock = threading.Lock()  # serialises create_key; readers use self._index
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the key file holds key material only sealed by the credential."""
+        return self._sealer is not None
 
     def __repr__(self) -> str:
         return f"LocalKeyProvider(path={str(self._path)!r}, keys={len(self._index.keys)})"
 
     @classmethod
-    def create(cls, path: Path, *, region: str, account_id: str) -> LocalKeyProvider:
-        """Create the key file with its default key; FileExistsError if it exists."""
+    def create(cls, path: Path, *, region: str, account_id: str,
+               sealed: bool = False) -> LocalKeyProvider:
+        """Create the key file with its default key; FileExistsError if it exists.
+        ``sealed``: the file never holds the master key (``master_key()`` returns it, for
+        the credential)."""
         path = Path(path)
         default = _MasterKey.generate(aliases=(DEFAULT_ALIAS,), description=DEFAULT_DESCRIPTION)
-        provider = cls(path, [default], region=region, account_id=account_id)
+        provider = cls(path, [default], region=region, account_id=account_id,
+                       sealer=_Sealer(default.material) if sealed else None)
         # Written in place rather than renamed over: O_EXCL is what refuses an existing file.
         _write_new_file(path, provider._serialize())
         fsync_directory(path.parent)
         return provider
 
     @classmethod
-    def load(cls, path: Path, *, region: str, account_id: str) -> LocalKeyProvider:
-        """Load a key file, refusing one that group or others may read or write."""
+    def load(cls, path: Path, *, region: str, account_id: str,
+             credential: bytes | None = None) -> LocalKeyProvider:
+        """Load a key file, refusing one that group or others may read or write.
+
+        With ``credential`` (the master key from a systemd credential) the file's key
+        material is opened with it, and a file that still holds plaintext material is
+        sealed now, once the credential is known to be its master key."""
         path = Path(path)
         with open(path, "rb") as file:
             # fstat the open file, so the mode checked is the mode of the bytes read.
@@ -192,10 +290,29 @@ class LocalKeyProvider:
             entries = doc.get("Keys")
             if not isinstance(entries, list):
                 raise ValueError("Keys is not a list")
-            keys = [_MasterKey.from_json(entry) for entry in entries]
-            return cls(path, keys, region=region, account_id=account_id)
+            sealed = doc.get("SealedBy") == _SEALED_BY
         except ValueError as exc:
             raise ValueError(f"key file {path} is invalid: {exc}") from None
+        if sealed and credential is None:
+            raise ValueError(
+                f"key file {path} holds its keys sealed by the systemd credential "
+                f"{CREDENTIAL_NAME}, and $CREDENTIALS_DIRECTORY/{CREDENTIAL_NAME} is missing "
+                "(LoadCredentialEncrypted= in the unit)")
+        sealer = None if credential is None else _Sealer(bytes(credential))
+        try:
+            keys = [_MasterKey.from_json(entry, sealer if sealed else None)
+                    for entry in entries]
+            provider = cls(path, keys, region=region, account_id=account_id, sealer=sealer)
+        except ValueError as exc:
+            raise ValueError(f"key file {path} is invalid: {exc}") from None
+        if sealer is not None and not sealed:
+            provider._persist(provider._index)  # the plaintext material leaves the file
+        return provider
+
+    def master_key(self) -> bytes:
+        """The credential's content (base64 of the default key's material, one line)."""
+        default = self._index.keys[self._index.ids_by_alias[DEFAULT_ALIAS]]
+        return base64.b64encode(default.material) + b"\n"
 
     def create_key(self, *, alias: str | None, description: str | None = None) -> dict:
         """Add a master key, persist the key file atomically, and describe the new key."""
@@ -298,7 +415,10 @@ class LocalKeyProvider:
 
     def _serialize(self, index: _Index | None = None) -> bytes:
         keys = (index or self._index).keys.values()
-        doc = {"Format": _FILE_FORMAT, "Keys": [key.to_json() for key in keys]}
+        doc: dict = {"Format": _FILE_FORMAT}
+        if self._sealer is not None:
+            doc["SealedBy"] = _SEALED_BY
+        doc["Keys"] = [key.to_json(self._sealer) for key in keys]
         return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
     def _persist(self, index: _Index) -> None:
@@ -312,6 +432,20 @@ class LocalKeyProvider:
             tmp.unlink(missing_ok=True)
             raise
         fsync_directory(self._path.parent)
+
+
+def export_master_key(path: Path, *, region: str, account_id: str) -> bytes:
+    """The content of the ``secretfs-master-key`` credential for an unsealed key file
+    (read only: the file is sealed when the daemon first starts with the credential)."""
+    try:
+        with open(path, "rb") as file:
+            sealed = json.loads(file.read()).get("SealedBy") == _SEALED_BY
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        sealed = False  # load() below says what is wrong with it
+    if sealed:
+        raise ValueError(f"key file {path} is already sealed: its master key is only in the "
+                         f"systemd credential {CREDENTIAL_NAME}")
+    return LocalKeyProvider.load(path, region=region, account_id=account_id).master_key()
 
 
 def _wrap_aad(key_id: str, context: dict[str, str]) -> bytes:

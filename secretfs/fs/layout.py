@@ -7,31 +7,44 @@
         keys/AWSCURRENT -> .by-version/<id>
         keys/.by-version/<id>/<key>       each top-level key of a JSON-object value
         <child>/                          deeper names: prod/db/replica is a secret too
+    <mount>/~templates/prod/app.conf      a template secret's rendering, by its path
 
 Labels, version ids and JSON keys become file names through `model.file_name`
 (percent-encoding '%', '/' and a leading '.'). The symlinks are relative, so a
 secret's directory bind-mounted into a container still resolves them. A node is
 a small tuple; the adapter in `ops.py` gives each one an inode number.
+
+A file's owner, group and mode come from its secret's presentation tags
+(`presentation.py`); directories and symlinks are always root's. `~templates` can't
+collide with a secret: AWS names never contain '~'.
 """
 
 from __future__ import annotations
 
 import json
 import stat
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 
+from secretfs import presentation
 from secretfs.model import Secret, file_name
+from secretfs.templates import is_template
 
 DIR, LABEL, VERSIONS, VERSION, KEYS, KEYLINK, BY_VERSION, VERSION_KEYS, KEY = (
     "dir", "label", "versions", "version", "keys", "keylink", "by-version", "version-keys",
     "key")
+TEMPLATE_DIR, TEMPLATE = "template-dir", "template"
 ROOT = (DIR, "")
+TEMPLATES = (TEMPLATE_DIR, "")
 BY_VERSION_NAME = ".by-version"
+TEMPLATES_NAME = "~templates"
+# Nodes whose content is a secret's (or a rendering's): they show the presentation tags.
+FILES = frozenset({VERSION, KEY, TEMPLATE})
 
-# Files are presented as root's and owner-readable only: until access policies
-# land, only root may open them, and mode bits should not suggest otherwise.
+# Files are presented as root's and owner-readable only unless their secret's tags say
+# otherwise (ops.py adds 0044 when a policy may let others read them).
 FILE_MODE = stat.S_IFREG | 0o400
 DIR_MODE = stat.S_IFDIR | 0o555
 LINK_MODE = stat.S_IFLNK | 0o777
@@ -45,6 +58,9 @@ class Attributes:
     size: int
     mtime: datetime | None
     immutable: bool  # a version's content: the kernel may cache it for as long as it likes
+    uid: int = 0
+    gid: int = 0
+    mode_tagged: bool = False  # the mode is the secret's own choice, not the mount's default
 
 
 class NotFound(Exception):
@@ -76,6 +92,11 @@ class Layout:
         self.catalog = service.catalog
         self._keys: OrderedDict[tuple[int, str], dict[str, bytes]] = OrderedDict()
         self._key_cache_size = key_cache_size
+        # Template secret id -> path: built on first use (one pass over the catalog),
+        # then kept by catalog changes; replaced whole, so readers never see it change.
+        self._templates: dict[int, str] | None = None
+        self._templates_lock = threading.Lock()
+        self.catalog.subscribe(self._track_templates)
 
     # --- resolution --------------------------------------------------------------
 
@@ -91,6 +112,10 @@ class Layout:
 
     def lookup(self, parent: Node, name: str) -> Node:
         kind = parent[0]
+        if parent == ROOT and name == TEMPLATES_NAME:
+            return TEMPLATES
+        if kind == TEMPLATE_DIR:
+            return self._template_lookup(parent[1], name)
         if kind == DIR:
             path = parent[1]
             secret = self.secret_at(path)
@@ -123,6 +148,64 @@ class Layout:
                 raise NotFound
             return (KEY, secret.secret_id, parent[2], name)
         raise NotFound
+
+    def _template_lookup(self, directory: str, name: str) -> Node:
+        path = f"{directory}/{name}" if directory else name
+        secret = self.secret_at(path)
+        if secret is not None and is_template(secret):
+            return (TEMPLATE, secret.secret_id)
+        if self.catalog.has_child(directory, name) and (
+                secret is None or self.catalog.children(path)):
+            return (TEMPLATE_DIR, path)
+        raise NotFound
+
+    def template_children(self, path: str) -> list[tuple[str, Node]]:
+        """A directory of `~templates`: the templates directly in it, and the
+        subdirectories that hold a template somewhere below."""
+        prefix = f"{path}/" if path else ""
+        files, directories = {}, set()
+        for secret_id, below in self.template_paths().items():
+            if not below.startswith(prefix):
+                continue
+            segment, _, rest = below[len(prefix):].partition("/")
+            if rest:
+                directories.add(segment)
+            else:
+                files[segment] = (TEMPLATE, secret_id)
+        # A template's path is a file even if other templates lie below it.
+        return sorted([(segment, (TEMPLATE_DIR, prefix + segment))
+                       for segment in directories - files.keys()] + list(files.items()))
+
+    def template_paths(self) -> dict[int, str]:
+        templates = self._templates
+        if templates is not None:
+            return templates
+        with self._templates_lock:
+            if self._templates is None:
+                found = {}
+                for path, secret_id in self.catalog.live_below(""):
+                    secret = self.catalog.get(secret_id)
+                    if secret is not None and is_template(secret):
+                        found[secret_id] = path
+                self._templates = found
+            return self._templates
+
+    def _track_templates(self, old: Secret | None, new: Secret | None) -> None:
+        with self._templates_lock:
+            if self._templates is None:
+                return
+            templates = dict(self._templates)
+            if old is not None:
+                templates.pop(old.secret_id, None)
+            if self._shows_template(new):
+                templates[new.secret_id] = new.path
+            self._templates = templates
+
+    def template(self, node: Node) -> Secret:
+        secret = self.secret(node[1])
+        if not is_template(secret):
+            raise NotFound
+        return secret
 
     @staticmethod
     def _label_named(secret: Secret, name: str) -> str | None:
@@ -173,7 +256,11 @@ class Layout:
             prefix = f"{path}/" if path else ""
             entries += [(segment, (DIR, prefix + segment))
                         for segment in self.catalog.children(path)]
+            if node == ROOT and self.template_paths():
+                entries.append((TEMPLATES_NAME, TEMPLATES))
             return entries
+        if kind == TEMPLATE_DIR:
+            return self.template_children(node[1])
         secret = self.secret(node[1])
         if kind == VERSIONS:
             return [(file_name(version_id), (VERSION, secret.secret_id, version_id))
@@ -196,6 +283,14 @@ class Layout:
             if node != ROOT and secret is None and not self.catalog.is_directory(node[1]):
                 raise NotFound
             return Attributes(DIR_MODE, 0, secret.changed if secret else None, False)
+        if kind == TEMPLATE_DIR:
+            if node != TEMPLATES and not self.catalog.is_directory(node[1]):
+                raise NotFound
+            return Attributes(DIR_MODE, 0, None, False)
+        if kind == TEMPLATE:
+            # Rendered at each open and read with direct_io: the size is unknown, and 0.
+            secret = self.template(node)
+            return self._file(secret, None, 0, secret.changed, False)
         secret = self.secret(node[1])
         if kind in (VERSIONS, KEYS, BY_VERSION):
             return Attributes(DIR_MODE, 0, secret.changed, False)
@@ -205,15 +300,23 @@ class Layout:
         if version is None or version.size is None:
             raise NotFound
         if kind == VERSION:
-            return Attributes(FILE_MODE, version.size, version.created, True)
+            return self._file(secret, None, version.size, version.created, True)
         if kind == VERSION_KEYS:
             return Attributes(DIR_MODE, 0, version.created, True)
         if kind == KEY:
             data = self.keys_of(secret, node[2]).get(node[3])
             if data is None:
                 raise NotFound
-            return Attributes(FILE_MODE, len(data), version.created, True)
+            return self._file(secret, node[3], len(data), version.created, True)
         raise NotFound
+
+    @staticmethod
+    def _file(secret: Secret, key_file: str | None, size: int, mtime: datetime | None,
+              immutable: bool) -> Attributes:
+        shown = presentation.of(secret.tags, key_file)
+        mode = FILE_MODE if shown.mode is None else stat.S_IFREG | shown.mode
+        return Attributes(mode, size, mtime, immutable, shown.uid, shown.gid,
+                          shown.mode is not None)
 
     # --- content -------------------------------------------------------------------
 
@@ -252,6 +355,15 @@ class Layout:
 
     # --- what a change makes stale ---------------------------------------------------
 
+    @staticmethod
+    def _shows_template(secret: Secret | None) -> bool:
+        return secret is not None and not secret.is_deleted and is_template(secret)
+
+    @staticmethod
+    def retagged(old: Secret | None, new: Secret | None) -> bool:
+        """Whether a change may show a secret's files with another owner, group or mode."""
+        return old is not None and new is not None and old.tags != new.tags
+
     def stale_entries(self, old: Secret | None, new: Secret | None) -> tuple[
             list[tuple[Node, str]], list[Node]]:
         """Directory entries the kernel must forget, and link nodes whose target moved."""
@@ -261,6 +373,9 @@ class Layout:
         moved: list[Node] = []
         sid = old.secret_id
         gone = new is None or (new.is_deleted and not old.is_deleted)
+        if self._shows_template(old) != self._shows_template(new):
+            parent, _, segment = old.path.rpartition("/")
+            entries.append(((TEMPLATE_DIR, parent), segment))
         new_labels = {} if gone else new.labels
         for label, version_id in old.labels.items():
             name = file_name(label)

@@ -17,7 +17,9 @@ import os
 import time
 
 import pyfuse3
+import trio
 
+from secretfs import templates
 from secretfs.fs import layout as L
 from secretfs.fs.layout import Layout, NotFound
 from secretfs.identity import FUSE, Caller
@@ -108,20 +110,21 @@ class SecretsOperations(pyfuse3.Operations):
         entry.st_ino = self._inode(node)
         entry.generation = 0
         entry.st_mode = attrs.mode
-        if node[0] in (L.VERSION, L.KEY) and self._shared(node[1]):
+        if node[0] in L.FILES and not attrs.mode_tagged and self._shared(node[1]):
             # Group and other may read here because some policy may let a
             # non-root caller read it; each open() still decides for its caller.
             entry.st_mode |= 0o044
         entry.st_nlink = 2 if attrs.mode & 0o040000 else 1
-        entry.st_uid = 0
-        entry.st_gid = 0
+        # The secret's presentation tags: shown, never enforced (no default_permissions).
+        entry.st_uid = attrs.uid
+        entry.st_gid = attrs.gid
         entry.st_size = attrs.size
         entry.st_blksize = 4096
         entry.st_blocks = (attrs.size + 511) // 512
         stamp = int(attrs.mtime.timestamp() * 1e9) if attrs.mtime else self._mount_time_ns
         entry.st_atime_ns = entry.st_mtime_ns = entry.st_ctime_ns = stamp
         timeout = IMMUTABLE_TIMEOUT if attrs.immutable else ENTRY_TIMEOUT
-        if self.strict_names and node[0] == L.DIR:
+        if self.strict_names and node[0] in (L.DIR, L.TEMPLATE_DIR):
             timeout = 0.0
         entry.entry_timeout = timeout
         entry.attr_timeout = timeout
@@ -144,9 +147,13 @@ class SecretsOperations(pyfuse3.Operations):
     @_fuse_handler
     async def lookup(self, parent_inode, name, ctx=None):
         node = self.layout.lookup(self._node(parent_inode), os.fsdecode(name))
-        if self.strict_names and node[0] == L.DIR and ctx is not None and ctx.uid != 0 \
-                and not self._visible(self._caller(ctx), node[1]):
-            raise NotFound  # hidden names don't exist, for this caller
+        if self.strict_names and ctx is not None and ctx.uid != 0:
+            caller = self._caller(ctx)
+            hidden = (node[0] == L.DIR and not self._visible(caller, node[1])) or (
+                node[0] in (L.TEMPLATE_DIR, L.TEMPLATE) and node != L.TEMPLATES
+                and not self._visible_template_entries(caller, [("", node)]))
+            if hidden:
+                raise NotFound  # hidden names don't exist, for this caller
         return self._entry(node)
 
     def _visible(self, caller: Caller, path: str) -> bool:
@@ -208,6 +215,8 @@ class SecretsOperations(pyfuse3.Operations):
         entries = self.layout.children(node)
         if node[0] == L.DIR and not caller.is_root:
             entries = self._visible_entries(caller, node[1], entries)
+        elif node[0] == L.TEMPLATE_DIR and not caller.is_root:
+            entries = self._visible_template_entries(caller, entries)
         handle = next(self._handle_counter)
         self._dirs[handle] = entries
         return handle
@@ -238,7 +247,17 @@ class SecretsOperations(pyfuse3.Operations):
                 visible_children.add(segment)
         return [(name, node) for name, node in entries
                 if (node[0] == L.DIR and name in visible_children)
+                or node == L.TEMPLATES
                 or (node[0] != L.DIR and own_visible)]
+
+    def _visible_template_entries(self, caller: Caller, entries: list[tuple[str, L.Node]]
+                                  ) -> list[tuple[str, L.Node]]:
+        """Templates this caller may see, and the directories holding one."""
+        def sees(node: L.Node) -> bool:
+            if node[0] == L.TEMPLATE:
+                return self._sees(caller, node[1])
+            return any(sees(child) for _, child in self.layout.template_children(node[1]))
+        return [(name, node) for name, node in entries if sees(node)]
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
@@ -250,6 +269,8 @@ class SecretsOperations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
+        if node[0] == L.TEMPLATE:
+            return await self._open_template(node, self._caller(ctx))
         if node[0] not in (L.VERSION, L.KEY):
             raise pyfuse3.FUSEError(errno.EISDIR if node[0] != L.LABEL else errno.ELOOP)
         secret, version_id = self.layout.version_of(node)
@@ -259,6 +280,18 @@ class SecretsOperations(pyfuse3.Operations):
         self._files[handle] = _OpenFile(node)
         # A version never changes, so pages the kernel already holds stay valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    async def _open_template(self, node: L.Node, caller: Caller) -> pyfuse3.FileInfo:
+        """Render now, for this caller, off the FUSE loop; the whole file or an error."""
+        template = self.layout.template(node)
+        handle = _OpenFile(node)
+        handle.data = await trio.to_thread.run_sync(
+            templates.render, self.service, caller, template)
+        fh = next(self._handle_counter)
+        self._files[fh] = handle
+        # Each open renders anew and the size isn't known before: no page cache, and
+        # reads go to the daemon whatever st_size says.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     @_fuse_handler
     async def read(self, fh, off, size):
@@ -278,10 +311,15 @@ class SecretsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         self.layout.attributes(node)  # ENOENT if it no longer exists
         kind, caller = node[0], self._caller(ctx)
-        if kind in (L.VERSION, L.KEY) and mode & os.X_OK:
+        if kind in L.FILES and mode & os.X_OK:
             return False
         if not mode & os.R_OK:
             return True
+        if kind == L.TEMPLATE:
+            rendered = await trio.to_thread.run_sync(
+                functools.partial(templates.render, self.service, caller,
+                                  self.layout.template(node), probe=True))
+            return rendered is not None
         if kind in (L.VERSION, L.KEY, L.VERSION_KEYS):
             secret, version_id = self.layout.version_of(node)
             return self.service.authorize_read(caller, secret, version_id, probe=True)
@@ -306,8 +344,11 @@ class SecretsOperations(pyfuse3.Operations):
         self._shared_cache = {}
         if not self.mounted:
             return
+        self._invalidate_files(lambda node: True)
+
+    def _invalidate_files(self, which) -> None:
         for node, inode in list(self._inode_of.items()):
-            if node[0] in (L.VERSION, L.KEY):
+            if node[0] in L.FILES and which(node):
                 with contextlib.suppress(OSError):
                     pyfuse3.invalidate_inode(inode, attr_only=True)
 
@@ -316,6 +357,9 @@ class SecretsOperations(pyfuse3.Operations):
         if not self.mounted:
             return
         entries, moved = self.layout.stale_entries(old, new)
+        if self.layout.retagged(old, new):
+            # Owner, group and mode may have changed: stat must show it at once.
+            self._invalidate_files(lambda node: node[1] == old.secret_id)
         for parent, name in entries:
             inode = self._inode_of.get(parent)
             if inode is None:
