@@ -2,76 +2,56 @@
 
 Starts a daemon on a temporary state dir, stores one secret, then times
 open+read+close of <mount>/<name>/AWSCURRENT (through the label symlink) and of
-<mount>/<name>/versions/<id> against a tmpfs file holding the same bytes.
-Prints p50/p99 per path and the ratios. Run as root: python bench/hot_read.py
+<mount>/<name>/versions/<id> against a tmpfs file holding the same bytes,
+interleaved. Prints p50/p99 per path and the ratios. Run as root:
+python bench/hot_read.py (bench/run.py runs this comparison and more).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-
-def cli(state: Path, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "secretfs.cli", *args], check=True,
-                         capture_output=True, env=dict(os.environ, SECRETFS_STATE_DIR=str(state)))
-    return json.loads(out.stdout or b"{}")
-
-
-def time_reads(path: str, count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter_ns()
-        with open(path, "rb") as handle:
-            handle.read()
-        samples.append((time.perf_counter_ns() - start) / 1000)
-    return samples
-
-
-def summary(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[int(len(ordered) * 0.99) - 1]
+from harness import (
+    SecretfsMount,
+    Stats,
+    bench_directory,
+    file_subject,
+    new_value,
+    remove_directory,
+    time_interleaved,
+    tmpfs_file,
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reads", type=int, default=20000)
     args = parser.parse_args()
-    value = json.dumps({"username": "app", "password": "x" * 24})
-    with tempfile.TemporaryDirectory() as tmp:
-        state, mount = Path(tmp, "state"), Path(tmp, "mnt")
-        mount.mkdir()
-        cli(state, "init", "--state-dir", str(state))
-        subprocess.run([sys.executable, "-m", "secretfs.cli", "mount", str(mount),
-                        "--state-dir", str(state)], check=True)
-        try:
-            created = cli(state, "create-secret", "--name", "bench/db", "--secret-string", value)
-            tmpfs = Path("/dev/shm", f"secretfs-bench-{os.getpid()}")
-            tmpfs.write_text(value)
-            paths = {
-                "tmpfs file": str(tmpfs),
-                "secretfs versions/<id>": str(mount / "bench/db/versions" / created["VersionId"]),
-                "secretfs AWSCURRENT (symlink)": str(mount / "bench/db/AWSCURRENT"),
-            }
-            for path in paths.values():
-                time_reads(path, 500)  # warm the caches
-            results = {label: summary(time_reads(path, args.reads))
-                       for label, path in paths.items()}
-            tmpfs.unlink()
-        finally:
-            subprocess.run([sys.executable, "-m", "secretfs.cli", "umount", str(mount)],
-                           check=False)
-    floor = results["tmpfs file"][0]
+    value = new_value("hot")
+    base = bench_directory()
+    try:
+        daemon = SecretfsMount(base, "secretfs")
+        daemon.init()
+        with daemon.running(), tmpfs_file(value) as tmpfs:
+            created = daemon.call("CreateSecret", {"Name": "bench/db",
+                                                   "SecretString": value.decode()})
+            subjects = [
+                file_subject("tmpfs file", str(tmpfs), args.reads, value),
+                file_subject("secretfs versions/<id>",
+                             daemon.path("bench/db/versions", created["VersionId"]),
+                             args.reads, value),
+                file_subject("secretfs AWSCURRENT (symlink)",
+                             daemon.path("bench/db/AWSCURRENT"), args.reads, value),
+            ]
+            results = {label: Stats.of(samples)
+                        for label, samples in time_interleaved(subjects).items()}
+    finally:
+        remove_directory(base)
+    floor = results["tmpfs file"].p50
     print(f"{'path':32} {'p50 µs':>9} {'p99 µs':>9} {'p50 / tmpfs':>12}")
-    for label, (p50, p99) in results.items():
-        print(f"{label:32} {p50:9.1f} {p99:9.1f} {p50 / floor:11.1f}x")
+    for label, stats in results.items():
+        print(f"{label:32} {stats.p50:9.1f} {stats.p99:9.1f} {stats.p50 / floor:11.1f}x")
     return 0
 
 
