@@ -42,7 +42,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from secretfs.identity import Identity
@@ -236,6 +236,22 @@ class Statement:
 class Policy:
     statements: tuple[Statement, ...]
     text: str
+    # (action, resource ARN) -> the statements whose Action and Resource cover it, with
+    # their index: what a decision still checks principals and conditions of. A policy
+    # never changes (a new document is a new Policy), so the answers stay true.
+    _covering: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def covering(self, request: Request) -> tuple[tuple[int, Statement], ...]:
+        secret = request.secret
+        key = (request.action, None if secret is None else (secret.arn, secret.name))
+        found = self._covering.get(key)
+        if found is None:
+            if len(self._covering) > 65536:
+                self._covering.clear()
+            found = self._covering[key] = tuple(
+                (index, statement) for index, statement in enumerate(self.statements)
+                if statement.covers(request))
+        return found
 
 
 def parse_policy(document: object, *, resource_policy: bool) -> Policy:
@@ -586,8 +602,9 @@ class PolicySet:
     def _evaluate(policy: Policy, who: Identity, request: Request, context,
                   label: str) -> Decision | None:
         allowed = None
-        for index, statement in enumerate(policy.statements):
-            if not statement.applies_to(who) or not statement.matches(request, context):
+        for index, statement in policy.covering(request):
+            if not statement.applies_to(who) or not all(
+                    _condition_holds(condition, context) for condition in statement.conditions):
                 continue
             by = f"{label}#{statement.sid or index}"
             if not statement.allow:
