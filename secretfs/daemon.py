@@ -129,8 +129,12 @@ def open_service(state: StateDir, *, audit=None):
 # --- process hygiene -------------------------------------------------------------------
 
 def harden_process() -> None:
-    """No core dumps and no ptrace-readable memory: the daemon holds plaintext."""
+    """No core dumps and no ptrace-readable memory: the daemon holds plaintext. The
+    core size limit is 0, the process is not dumpable, and should something still
+    dump it, /proc/self/coredump_filter asks for no memory mappings at all."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError), open("/proc/self/coredump_filter", "w") as dump_filter:
+        dump_filter.write("0")
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_dumpable = 4
     if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
@@ -318,7 +322,12 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                 registry.unlink()
             with contextlib.suppress(OSError):
                 state.socket.unlink()
-            await trio.to_thread.run_sync(service.flush_accesses)
+            try:
+                await trio.to_thread.run_sync(service.flush_accesses)
+            except Exception:
+                # A read-only or full store must not keep the mount (or the audit
+                # log's last records) from being closed: access dates are only dates.
+                log.exception("the last access dates could not be recorded")
             pyfuse3.close(unmount=True)
             try:
                 audit.close()

@@ -214,7 +214,7 @@ def validate_name(name: object) -> str:
     if len(name) > NAME_MAX:
         raise ValidationException(
             f"Invalid name. The secret name can be at most {NAME_MAX} characters long.")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):  # not match(): `$` also matches before a final "\n"
         raise ValidationException(
             "Invalid name. Must be a valid name containing alphanumeric characters, "
             "or any of the following: -/_+=.@!")

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from secretfs.files import fsync_directory
+
 DEFAULT_STATE_DIR = "/var/lib/secretfs"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ACCOUNT_ID = "000000000000"
@@ -85,9 +87,17 @@ class StateDir:
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{self.root} is not a secretfs state directory (run 'secretfs init')") from None
+        except ValueError:
+            raise ValueError(f"{self.config} is not valid JSON: fix it, or restore it from "
+                             "a backup") from None
 
     def write_config(self, config: dict) -> None:
+        """Replace config.json whole and durably: a crash leaves the old file or the new."""
         tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        os.chmod(tmp, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(config, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, self.config)
+        fsync_directory(self.root)

@@ -24,6 +24,9 @@ import pytest
 
 SECRETFS = [sys.executable, "-m", "secretfs.cli"]
 
+# The reliability tests' shared helpers (tests/_reliability.py) assert too.
+pytest.register_assert_rewrite("_reliability")
+
 
 def _cli(state_dir: Path, *args: str, input: bytes | None = None,
          check: bool = True) -> subprocess.CompletedProcess:
@@ -179,3 +182,17 @@ def run_as(user: pwd.struct_passwd, *command: str) -> subprocess.CompletedProces
     return subprocess.run(
         [setpriv, f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--init-groups", "--",
          *command], capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="session")
+def plaintext_watch():
+    """The values the reliability tests stored and the state directories they used
+    (see tests/_reliability.py): when the session ends, no file below any of those
+    directories may hold any of those values, in any encoding."""
+    from _reliability import PlaintextWatch
+
+    watch = PlaintextWatch()
+    yield watch
+    found = watch.findings()
+    if found:
+        pytest.fail(f"plaintext on disk after the session: {found[:20]}", pytrace=False)

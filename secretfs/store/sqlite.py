@@ -28,7 +28,9 @@ here already encrypted: this module never sees plaintext.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -176,9 +178,11 @@ class Reader:
 
     def paths_below(self, path: str) -> list[str]:
         """Paths of all secrets (live or scheduled for deletion) strictly below `path`."""
-        prefix = path + "/"
+        # A range on the unique index over path: under SQLite's byte-wise ordering the
+        # paths that start with "<path>/" are exactly those from "<path>/" up to
+        # "<path>0" ('0' follows '/'), so this costs O(log n), not a scan per CreateSecret.
         return [row[0] for row in self.db.execute(
-            "SELECT path FROM secrets WHERE substr(path, 1, ?) = ?", (len(prefix), prefix))]
+            "SELECT path FROM secrets WHERE path >= ? AND path < ?", (path + "/", path + "0"))]
 
     def load(self, secret_id: int) -> Secret | None:
         found = self.db.execute(
@@ -466,12 +470,14 @@ class SqliteStore:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as error:
-                raise StoreError(f"the store can't start a write: {error}") from None
+                raise StoreError(f"the store can't start a write: {self._reason(error)}") \
+                    from None
             try:
                 yield Writer(db)
             except sqlite3.Error as error:
                 self._rollback(db)
-                raise StoreError(f"the store can't complete the write: {error}") from None
+                raise StoreError(
+                    f"the store can't complete the write: {self._reason(error)}") from None
             except BaseException:
                 self._rollback(db)
                 raise
@@ -479,7 +485,21 @@ class SqliteStore:
                 db.execute("COMMIT")
             except sqlite3.Error as error:
                 self._rollback(db)
-                raise StoreError(f"the store can't commit: {error}") from None
+                raise StoreError(f"the store can't commit: {self._reason(error)}") from None
+
+    def _reason(self, error: sqlite3.Error) -> str:
+        """SQLite's message, and why when the file system says: a file system that turned
+        read-only under an open database (a disk error) is only a "disk I/O error" to
+        SQLite. The probe sets the directory's times to what they are, and opens nothing
+        on the database itself (closing a descriptor would drop SQLite's locks)."""
+        directory = self.path.parent
+        try:
+            times = os.stat(directory)
+            os.utime(directory, ns=(times.st_atime_ns, times.st_mtime_ns))
+        except OSError as probe:
+            if probe.errno == errno.EROFS:
+                return f"{error} (the file system holding {directory} is read-only)"
+        return str(error)
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
