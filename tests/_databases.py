@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 import psycopg
 import pymysql
 import pytest
+from conftest import free_port
 from psycopg import sql
 
 HOST = "127.0.0.1"
@@ -57,12 +57,6 @@ class Login:
 
     def appears_in(self, text: str) -> bool:
         return self.password in text
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def _directory_of(owner: str, prefix: str) -> Path:
@@ -231,7 +225,7 @@ def postgresql_server() -> Iterator[PostgreSQLServer]:
         shutil.chown(path, "postgres", "postgres")
     sockets.mkdir()
     shutil.chown(sockets, "postgres", "postgres")
-    port = _free_port()
+    port = free_port(HOST)
     try:
         _as("postgres", str(bindir / "initdb"), "--pgdata", str(data), "--username", "postgres",
             "--pwfile", str(password_file), "--auth-host=scram-sha-256",
@@ -259,7 +253,7 @@ def mariadb_server() -> Iterator[MariaDBServer]:
             pytest.fail(f"{program} is missing: run scripts/setup.sh")
     root = _directory_of("mysql", "secretfs-mariadb-")
     data, server_socket, log = root / "data", root / "mariadbd.sock", root / "server.log"
-    port = _free_port()
+    port = free_port(HOST)
     process = None
     try:
         _as("root", "mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=mysql",

@@ -12,9 +12,11 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,6 +58,12 @@ class Daemon:
         """A client verb whose JSON output is returned parsed."""
         return json.loads(self.cli(*args, input=input).stdout or b"{}")
 
+    def audit_records(self, *flags: str) -> list[dict]:
+        """The audit log's records as `secretfs audit search` shows them (the log is
+        written every second: see wait_for)."""
+        result = self.cli("audit", "search", "--state-dir", str(self.state_dir), *flags)
+        return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
     def start(self) -> None:
         self.cli("mount", str(self.mountpoint), "--state-dir", str(self.state_dir),
                  *self.extra_args)
@@ -76,6 +84,23 @@ class Daemon:
 
     def path(self, *parts: str) -> Path:
         return self.mountpoint.joinpath(*parts)
+
+
+def wait_for(predicate, seconds: float = 15.0, interval: float = 0.05) -> bool:
+    """Whether `predicate()` holds within `seconds`, asked every `interval`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` just now."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 def _is_stale(path: Path) -> bool:

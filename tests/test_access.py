@@ -636,17 +636,12 @@ def cat_with_pid(user: pwd.struct_passwd, path: Path, program: str = "cat") -> i
     return int(result.stdout.split(b"\n", 1)[0])
 
 
-def audit_search(daemon: Daemon, *flags: str) -> list[dict]:
-    result = daemon.cli("audit", "search", "--state-dir", str(daemon.state_dir), *flags)
-    return [json.loads(line) for line in result.stdout.decode().splitlines()]
-
-
 def wait_for_records(daemon: Daemon, pids: set[int], *flags: str) -> list[dict]:
     """Poll `audit search` until a record of each pid is on disk (the log flushes each
     second), for at most about two seconds."""
     deadline = time.monotonic() + 2.0
     while True:
-        records = [record for record in audit_search(daemon, *flags)
+        records = [record for record in daemon.audit_records(*flags)
                    if record.get("userIdentity", {}).get("pid") in pids]
         found = {record["userIdentity"]["pid"] for record in records}
         if found >= pids or time.monotonic() > deadline:
@@ -692,10 +687,10 @@ def test_audit_search_lists_each_decision_with_who_and_why_and_verify_passes(sce
         "OpenDirectory", "deny", f"identity-policy {principal}/ReadProd#NoRoot")
     assert record["userIdentity"]["exe"] == os.path.realpath(shutil.which("ls") or "ls")
     assert record["resources"]["name"] == "prod/root"
-    denied_only = audit_search(scene.daemon, "--uid", str(alice.pw_uid), "--denied-only")
+    denied_only = scene.daemon.audit_records("--uid", str(alice.pw_uid), "--denied-only")
     pids = {record["userIdentity"]["pid"] for record in denied_only}
     assert {denied, implicit} <= pids and allowed not in pids
-    about_root = audit_search(scene.daemon, "--secret", "prod/root", "--uid", str(alice.pw_uid))
+    about_root = scene.daemon.audit_records("--secret", "prod/root", "--uid", str(alice.pw_uid))
     assert denied in {record["userIdentity"]["pid"] for record in about_root}
     # Never a value.
     for path in audit.log_files(StateDir(scene.daemon.state_dir).audit_dir):

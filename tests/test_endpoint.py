@@ -22,17 +22,11 @@ import botocore.auth
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import serving_daemon
+from conftest import free_port, serving_daemon, wait_for
 
 pytestmark = pytest.mark.mount
 pytest_plugins = ["_databases"]
 FUNCTIONS = Path(__file__).parent / "rotation_functions"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +63,14 @@ def unique(prefix: str) -> str:
 def audit_records(daemon, until) -> list[dict]:
     """The audit log's records, once `until(records)` holds (the log is written every
     second), or as they are after 10 s."""
-    import time
+    records: list[dict] = []
 
-    deadline = time.monotonic() + 10
-    while True:
-        records = [json.loads(line) for line in daemon.cli(
-            "audit", "search", "--state-dir", str(daemon.state_dir)).stdout.splitlines()]
-        if until(records) or time.monotonic() > deadline:
-            return records
-        time.sleep(0.2)
+    def seen() -> bool:
+        records[:] = daemon.audit_records()
+        return until(records)
+
+    wait_for(seen, 10, interval=0.2)
+    return records
 
 
 # --- every action, as boto3 makes it ---------------------------------------------------

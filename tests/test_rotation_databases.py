@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import wait_for
 
 from secretfs.api.client import Client
 from secretfs.rotation.databases import DatabaseError, regranted
@@ -40,13 +41,10 @@ def server(request):
     return request.getfixturevalue(f"{request.param}_server")
 
 
-def _wait_for(predicate, seconds: float = 20.0, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+def _settled(predicate, seconds: float = 20.0, interval: float = 0.01) -> bool:
+    """wait_for, asked every 10 ms unless told: these tests time windows of tens of
+    milliseconds."""
+    return wait_for(predicate, seconds, interval)
 
 
 # --- secrets, for the service in this process and for the daemon alike ----------------
@@ -232,12 +230,12 @@ def test_a_show_grants_line_for_someone_else_is_refused():
 
 def rotate_on_daemon(daemon, send, name: str, rotator: str) -> None:
     token = send("RotateSecret", {"SecretId": name, "RotationLambdaARN": rotator})["VersionId"]
-    if not _wait_for(lambda: os.readlink(daemon.path(name, "AWSCURRENT"))
+    if not _settled(lambda: os.readlink(daemon.path(name, "AWSCURRENT"))
                      == f"versions/{token}"):
         progress = send("DescribeSecret", {"SecretId": name}).get("RotationInProgress")
         pytest.fail(f"the rotation of {name} did not finish: {progress}")
     # The runner records finishSecret just after the label moved.
-    assert _wait_for(lambda: "RotationInProgress" not in send("DescribeSecret",
+    assert _settled(lambda: "RotationInProgress" not in send("DescribeSecret",
                                                               {"SecretId": name}))
 
 
@@ -265,7 +263,7 @@ class App(threading.Thread):
             connected = self.server.logs_in(login)
             if not connected and self.retry:
                 self.retries += 1
-                _wait_for(lambda version=version: os.readlink(self.link) != version,
+                _settled(lambda version=version: os.readlink(self.link) != version,
                           seconds=5, interval=0.002)
                 connected = self.server.logs_in(self.read()[1])
             self.tries.append((began, connected))
@@ -291,7 +289,7 @@ def _running(*apps: App):
         def __enter__(self):
             for app in apps:
                 app.start()
-            assert _wait_for(lambda: all(app.tries for app in apps), 10)
+            assert _settled(lambda: all(app.tries for app in apps), 10)
             return apps
 
         def __exit__(self, *exc_info):
@@ -389,7 +387,7 @@ def test_a_daemon_killed_after_each_step_finishes_the_rotation_after_restart(
     try:
         token = send("RotateSecret", {"SecretId": "db/app",
                                       "RotationLambdaARN": server.rotator(scheme)})["VersionId"]
-        assert _wait_for(marker.exists)
+        assert _settled(marker.exists)
         os.kill(daemon.pid(), signal.SIGKILL)
         process.wait(10)
     finally:
@@ -397,9 +395,9 @@ def test_a_daemon_killed_after_each_step_finishes_the_rotation_after_restart(
             process.kill()
             process.wait()
     daemon.start()  # an ordinary daemon: it clears the stale mount, the runner resumes
-    assert _wait_for(lambda: os.readlink(daemon.path("db/app/AWSCURRENT"))
+    assert _settled(lambda: os.readlink(daemon.path("db/app/AWSCURRENT"))
                      == f"versions/{token}")
-    assert _wait_for(lambda: "RotationInProgress" not in send("DescribeSecret",
+    assert _settled(lambda: "RotationInProgress" not in send("DescribeSecret",
                                                               {"SecretId": "db/app"}))
     assert stages(send, "db/app") == {token: ["AWSCURRENT"], first_version: ["AWSPREVIOUS"]}
     assert not daemon.path("db/app/AWSPENDING").exists()

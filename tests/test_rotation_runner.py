@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from conftest import wait_for
 
 from secretfs.model import AccessDeniedException
 from secretfs.rotation import rotators
@@ -256,7 +257,6 @@ async def test_the_scheduler_rotates_on_time_over_a_simulated_year(env, rules, e
 def test_the_daemon_rotates_and_the_mount_shows_the_new_value(daemon):
     """RotateSecret through the CLI: the daemon's runner carries the rotation out, and
     AWSCURRENT on the mount flips to the new password in one step."""
-    import time
 
     created = daemon.call("create-secret", "--name", "app/db",
                           "--secret-string", '{"username": "app", "password": "p0"}')
@@ -264,11 +264,8 @@ def test_the_daemon_rotates_and_the_mount_shows_the_new_value(daemon):
     started = daemon.call("rotate-secret", "--secret-id", "app/db",
                           "--rotation-lambda-arn", "secretfs:random-password",
                           "--rotation-rules", "AutomaticallyAfterDays=30")
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if "versions/" + started["VersionId"] == os.readlink(daemon.path("app/db/AWSCURRENT")):
-            break
-        time.sleep(0.05)
+    wait_for(lambda: os.readlink(daemon.path("app/db/AWSCURRENT"))
+             == "versions/" + started["VersionId"], 10)
     after = json.loads(daemon.path("app/db/AWSCURRENT").read_bytes())
     assert after["username"] == "app" and after["password"] != "p0"
     assert daemon.path("app/db/AWSPREVIOUS").read_bytes() == before
@@ -330,31 +327,19 @@ def _exec_rotator(tmp_path, *, fail: str | None = None, pause: str | None = None
     return program, log, paused
 
 
-def _wait_for(predicate, seconds: float = 15.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.mark.mount
 def test_an_exec_rotator_rotates_through_the_control_socket(daemon, tmp_path):
     program, log, _ = _exec_rotator(tmp_path)
     daemon.call("create-secret", "--name", "svc/token", "--secret-string", "before")
     started = daemon.call("rotate-secret", "--secret-id", "svc/token",
                           "--rotation-lambda-arn", f"exec:{program}")
-    assert _wait_for(lambda: daemon.path("svc/token/AWSCURRENT").read_bytes()
+    assert wait_for(lambda: daemon.path("svc/token/AWSCURRENT").read_bytes()
                      == b"rotated-by-exec")
     assert os.readlink(daemon.path("svc/token/AWSCURRENT")) == (
         "versions/" + started["VersionId"])
     assert log.read_text().split() == list(STEPS)
     # Its calls through the socket were made as its principal, not as its Unix uid.
-    records = [json.loads(line) for line in daemon.cli(
-        "audit", "search", "--state-dir", str(daemon.state_dir)).stdout.splitlines()]
+    records = daemon.audit_records()
     puts = [record for record in records if record["eventName"] == "PutSecretValue"
             and record["decision"] == "allow" and not record.get("mutation")]
     assert puts and all(record["userIdentity"] == {"rotator": f"exec:{program}"}
@@ -374,11 +359,10 @@ def test_an_exec_rotator_failing_at_test_secret_leaves_awscurrent(daemon, tmp_pa
     daemon.call("create-secret", "--name", "svc/token", "--secret-string", "before")
     started = daemon.call("rotate-secret", "--secret-id", "svc/token",
                           "--rotation-lambda-arn", f"exec:{program}")
-    assert _wait_for(lambda: log.exists() and "testSecret" in log.read_text().split())
-    assert _wait_for(lambda: any(
+    assert wait_for(lambda: log.exists() and "testSecret" in log.read_text().split())
+    assert wait_for(lambda: any(
         record.get("eventName") == "RotationStepFailed" for record in
-        map(json.loads, daemon.cli("audit", "search", "--state-dir",
-                                   str(daemon.state_dir)).stdout.splitlines())), 5)
+        daemon.audit_records()), 5)
     assert daemon.path("svc/token/AWSCURRENT").read_bytes() == b"before"
     assert os.readlink(daemon.path("svc/token/AWSPENDING")) == (
         "versions/" + started["VersionId"])
@@ -405,11 +389,11 @@ def test_a_daemon_killed_during_each_step_completes_the_rotation_after_restart(
     started = daemon.call("rotate-secret", "--secret-id", "crash/me",
                           "--rotation-lambda-arn", f"exec:{program}")
     token = started["VersionId"]
-    assert _wait_for(paused.exists)
+    assert wait_for(paused.exists)
     os.kill(daemon.pid(), signal.SIGKILL)
     subprocess.run(["pkill", "-KILL", "-f", str(program)], check=False)
     daemon.start()  # clears the stale mount; the runner resumes at the step it reached
-    assert _wait_for(lambda: os.readlink(daemon.path("crash/me/AWSCURRENT"))
+    assert wait_for(lambda: os.readlink(daemon.path("crash/me/AWSCURRENT"))
                      == f"versions/{token}")
     assert daemon.path("crash/me/AWSCURRENT").read_text() == f"after-{token}"
     assert daemon.path("crash/me/AWSPREVIOUS").read_text() == "before"
@@ -473,7 +457,7 @@ def test_readers_never_see_a_partial_or_missing_value_during_rotations(daemon, t
             token = client.call("RotateSecret", {
                 "SecretId": "hot/db", "RotationLambdaARN": "secretfs:random-password"})[
                 "VersionId"]
-            assert _wait_for(lambda token=token: os.readlink(whole) == f"versions/{token}")
+            assert wait_for(lambda token=token: os.readlink(whole) == f"versions/{token}")
     finally:
         stop.touch()
         outputs = [reader.communicate(timeout=60) for reader in readers]
@@ -529,7 +513,7 @@ def test_a_rotation_function_written_for_aws_lambda_runs_unmodified(daemon):
                     PASSWORD_LENGTH="40"))
     token = daemon.call("rotate-secret", "--secret-id", "svc/api",
                         "--rotation-lambda-arn", handler)["VersionId"]
-    assert _wait_for(lambda: os.readlink(daemon.path("svc/api/AWSCURRENT"))
+    assert wait_for(lambda: os.readlink(daemon.path("svc/api/AWSCURRENT"))
                      == f"versions/{token}")
     value = json.loads(daemon.path("svc/api/AWSCURRENT").read_bytes())
     assert value["username"] == "svc" and len(value["password"]) == 40
@@ -537,8 +521,7 @@ def test_a_rotation_function_written_for_aws_lambda_runs_unmodified(daemon):
     assert json.loads(daemon.path("svc/api/AWSPREVIOUS").read_bytes())["password"] == "old"
     described = daemon.call("describe-secret", "--secret-id", "svc/api")
     assert "RotationInProgress" not in described and described["RotationEnabled"]
-    records = [json.loads(line) for line in daemon.cli(
-        "audit", "search", "--state-dir", str(daemon.state_dir)).stdout.splitlines()]
+    records = daemon.audit_records()
     assert {record["userIdentity"].get("rotator") for record in records
             if record["eventName"] == "PutSecretValue"} == {handler}
 
@@ -555,7 +538,7 @@ def test_a_failing_rotation_function_records_only_its_exception_class(daemon):
         shown = daemon.call("describe-secret", "--secret-id", "svc/api")
         return shown.get("RotationInProgress", {}).get("LastError")
 
-    assert _wait_for(failed)
+    assert wait_for(failed)
     assert failed() == ("testSecret: RuntimeError: aws_style:lambda_handler raised "
                         "ConnectionRefusedError at testSecret")
     assert json.loads(daemon.path("svc/api/AWSCURRENT").read_bytes())["password"] == "old"

@@ -10,13 +10,12 @@ import json
 import os
 import pwd
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from conftest import Daemon, run_as, serving_daemon
+from conftest import Daemon, run_as, serving_daemon, wait_for
 from test_presentation import throwaway_users
 
 from secretfs.api.client import Client
@@ -89,15 +88,15 @@ def expected(password: str, previous: str, key: str) -> bytes:
 
 def failures(daemon: Daemon, template: str) -> list[dict]:
     """The template's RenderTemplate audit records, polled until one is on disk."""
-    deadline = time.monotonic() + 3.0
-    while True:
-        out = daemon.cli("audit", "search", "--state-dir", str(daemon.state_dir), "--secret",
-                         template).stdout.decode().splitlines()
-        records = [record for record in map(json.loads, out)
-                   if record["eventName"] == "RenderTemplate"]
-        if records or time.monotonic() > deadline:
-            return records
-        time.sleep(0.1)
+    records: list[dict] = []
+
+    def found() -> bool:
+        records[:] = [record for record in daemon.audit_records("--secret", template)
+                      if record["eventName"] == "RenderTemplate"]
+        return bool(records)
+
+    wait_for(found, 3.0, interval=0.1)
+    return records
 
 
 def test_a_template_renders_two_secrets_for_a_user_allowed_both(scene):
