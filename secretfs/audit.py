@@ -15,11 +15,15 @@ Event fields the callers pass (CloudTrail's names):
   "resource-policy#AllowWeb", "implicit-deny"
 - `errorCode`: optional
 
-`record()` adds `eventTime` (ISO 8601 UTC with microseconds and "Z") and `eventId`
-(a uuid4); `flush()` adds the chain: `seq` (0, 1, 2, ... across files), `prev` (the
+`record()` stamps `eventTime` (ISO 8601 UTC with microseconds and "Z"); `flush()` adds
+`eventId` (a uuid4) and the chain: `seq` (0, 1, 2, ... across files), `prev` (the
 previous record's `hash`; 64 zeros for the very first record ever) and `hash`, the hex
-SHA-256 of the record's canonical JSON (sorted keys, compact separators) without
-`hash`. Each record is one line: that canonical JSON with `hash` added as its last member.
+SHA-256 of the record's canonical JSON (sorted keys, compact separators, non-ASCII and
+DEL escaped as \\uXXXX, exactly as Python's `json.dumps(sort_keys=True,
+separators=(",", ":"))` writes it) without `hash`. Each record is one line: that
+canonical JSON with `hash` added as its last member. Values are strings, integers,
+booleans, null, lists and objects; floats are refused, since JSON encoders disagree on
+their text.
 
 Files, all in one directory (0700; files 0600): `audit.log` is written, and rotated by
 size to `audit.log.1` ... `audit.log.<keep-1>` (the oldest goes); the chain runs on
@@ -55,11 +59,12 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+import orjson
 
 from secretfs.files import fsync_directory
 
@@ -72,7 +77,7 @@ FORBIDDEN_KEYS = frozenset({"SecretString", "SecretBinary", "RandomPassword"})
 DEFAULT_MAX_PENDING = 100_000
 # A burst this deep wakes run() early instead of waiting out its interval.
 WAKE_AT = 10_000
-_SCALARS = frozenset({str, int, float, bool, type(None)})
+_SCALARS = frozenset({str, int, bool, type(None)})
 
 
 class AuditError(Exception):
@@ -95,6 +100,8 @@ def _utcnow() -> datetime:
 
 
 def _format_time(when: datetime) -> str:
+    if when.tzinfo is UTC:  # the daemon's clock: the quick way
+        return when.isoformat(timespec="microseconds")[:-6] + "Z"
     # A naive time from an injected clock is taken as UTC.
     if when.tzinfo is not None:
         when = when.astimezone(UTC).replace(tzinfo=None)
@@ -102,9 +109,34 @@ def _format_time(when: datetime) -> str:
 
 
 def canonical(record: dict) -> bytes:
-    """The bytes a record's hash covers: its JSON, sorted keys, compact, without hash."""
-    return json.dumps({k: v for k, v in record.items() if k != "hash"},
-                      sort_keys=True, separators=(",", ":")).encode()
+    """The bytes a record's hash covers: its JSON, sorted keys, compact, without hash.
+
+    orjson writes the same bytes as the standard library for what records hold, at a
+    fifth of the cost (this runs once per file open), except for text outside
+    printable ASCII, which the standard library escapes: such records, and what
+    orjson refuses (integers beyond 64 bits, lone surrogates), take the slow path."""
+    return _encode({k: v for k, v in record.items() if k != "hash"} if "hash" in record
+                   else record)
+
+
+def _encode(body: dict) -> bytes:
+    try:
+        encoded = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except TypeError:
+        encoded = None
+    if encoded is not None and encoded.isascii() and b"\x7f" not in encoded:
+        return encoded
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _event_id(random: bytes) -> str:
+    """A uuid4's text from 16 random bytes (what str(uuid.UUID(bytes=..., version=4))
+    gives, at a third of the cost)."""
+    raw = bytearray(random)
+    raw[6] = raw[6] & 0x0F | 0x40
+    raw[8] = raw[8] & 0x3F | 0x80
+    text = raw.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def record_hash(record: dict) -> str:
@@ -135,7 +167,10 @@ def _clean(value):
         return copy
     if kind is list or kind is tuple:
         return [item if type(item) in _SCALARS else _clean(item) for item in value]
-    if kind in _SCALARS or isinstance(value, str | int | float):
+    if kind is float or isinstance(value, float):
+        raise TypeError("audit event values are never floats (JSON encoders disagree on "
+                        "their text)")
+    if kind in _SCALARS or isinstance(value, str | int):
         return value
     if isinstance(value, dict):
         return _clean(dict(value))
@@ -203,8 +238,8 @@ class AuditLog:
         self.keep = keep
         self.max_pending = max_pending
         self._clock = clock
-        # (event, time, 16 random bytes of its uuid4) per record
-        self._queue: collections.deque[tuple[dict, datetime, bytes]] = collections.deque()
+        # (event, time) per record
+        self._queue: collections.deque[tuple[dict, datetime]] = collections.deque()
         self._dropped = 0
         self._lock = threading.Lock()  # the queue and the drop count
         self._flush_lock = threading.Lock()  # one flush at a time: the chain is sequential
@@ -269,7 +304,7 @@ class AuditLog:
     # --- the hot path ---
 
     def record(self, event: dict, *, handed_over: bool = False) -> None:
-        """Queue one event, stamped with its time and id. Never does I/O; thread-safe.
+        """Queue one event, stamped with its time. Never does I/O; thread-safe.
         Raises ValueError for an event holding a secret value or lacking eventName,
         TypeError for one JSON cannot hold.
 
@@ -284,9 +319,9 @@ class AuditLog:
                 raise ValueError("audit event refused: it holds a secret value")
         else:
             event = _clean(event)
-        # The time and the id are fixed now; turning them into text waits for flush(),
-        # off the hot path.
-        entry = (event, self._clock(), os.urandom(16))
+        # The time is fixed now; turning it into text, and drawing the event's id, wait
+        # for flush(), off the hot path.
+        entry = (event, self._clock())
         with self._lock:
             if len(self._queue) >= self.max_pending:
                 self._dropped += 1
@@ -318,7 +353,7 @@ class AuditLog:
                 self._wake_pending = False
             if dropped:
                 batch.append(({"eventName": "AuditRecordsDropped", "eventSource": "internal",
-                               "count": dropped}, self._clock(), os.urandom(16)))
+                               "count": dropped}, self._clock()))
             if not batch:
                 return 0
             written = 0
@@ -340,7 +375,7 @@ class AuditLog:
                     self._update_head()
             return written
 
-    def _chain(self, batch: list[tuple[dict, datetime, bytes]]
+    def _chain(self, batch: list[tuple[dict, datetime]]
                ) -> Iterator[tuple[list[bytes], int, str]]:
         """The batch as chained lines, in chunks that each fit one file: (lines, next seq,
         last hash) per chunk, rotating between chunks. A record larger than max_bytes
@@ -348,11 +383,14 @@ class AuditLog:
         seq, prev = self._next_seq, self._prev
         size = self._current_size()
         chunk: list[bytes] = []
-        for event, when, random in batch:
+        randomness = os.urandom(16 * len(batch))
+        for index, (event, when) in enumerate(batch):
             # What a caller passed under the stamped names is replaced.
-            body = canonical({**event, "eventTime": _format_time(when),
-                              "eventId": str(uuid.UUID(bytes=random, version=4)),
-                              "seq": seq, "prev": prev})
+            fields = {**event, "eventTime": _format_time(when),
+                      "eventId": _event_id(randomness[16 * index:16 * index + 16]),
+                      "seq": seq, "prev": prev}
+            fields.pop("hash", None)
+            body = _encode(fields)
             digest = hashlib.sha256(body).hexdigest()
             line = _line(body, digest)
             if size and size + len(line) > self.max_bytes:

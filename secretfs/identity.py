@@ -4,9 +4,10 @@ The FUSE request context and the Unix socket's SO_PEERCRED give uid, gid and
 pid. Everything else a policy may ask about — user and group names, the
 supplementary groups, the executable, the cgroup and the systemd unit — is
 read from /proc lazily, only when a loaded policy (or the audit record) asks for
-it, and afresh for every request: a process may exec another program or move to
-another cgroup without changing its pid, and a recycled pid must never inherit
-an identity.
+it, and afresh for every request a policy decides: a process may exec another
+program or move to another cgroup without changing its pid, and a recycled pid
+must never inherit an identity. The one shortcut is the unit an audit record
+names, remembered briefly per process (see `_Units`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 FUSE = "fuse"
 UNIX_SOCKET = "unix-socket"
@@ -30,8 +32,10 @@ INTERNAL = "internal"
 ROTATION = "rotation"
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
+class Caller(NamedTuple):
+    """Who asked, as the transport knows it. A tuple, not a frozen dataclass: one is
+    made per file open, and a frozen dataclass costs four times as much to build."""
+
     uid: int
     gid: int
     pid: int
@@ -165,12 +169,49 @@ class _Names:
 _NAMES = _Names()
 
 
+class _Units:
+    """pid -> (exe, unit, when read) for audit records only.
+
+    /proc/<pid>/cgroup is the dearest read of a file open (its text names every
+    hierarchy on a cgroup-v1 host), and a process asking again and again is the
+    common case. A remembered unit is used only while the process still runs the
+    same executable and for at most TTL seconds: exec and, in practice, a move to
+    another cgroup (runtimes move a process before they exec its program) change
+    the executable, and a pid is not handed out again within a second. Policies
+    never use this: a condition on the unit reads /proc afresh."""
+
+    TTL = 1.0
+
+    def __init__(self):
+        self._seen: dict[int, tuple[str | None, str | None, float]] = {}
+
+    def unit(self, who: Identity) -> str | None:
+        now = time.monotonic()
+        exe = who.exe
+        found = self._seen.get(who.pid)
+        if found is not None and found[0] == exe and now - found[2] < self.TTL:
+            return found[1]
+        unit = who.unit
+        self.remember(who.pid, exe, unit, now)
+        return unit
+
+    def remember(self, pid: int, exe: str | None, unit: str | None,
+                 now: float | None = None) -> None:
+        if len(self._seen) > 4096:
+            self._seen.clear()
+        self._seen[pid] = (exe, unit, time.monotonic() if now is None else now)
+
+
+_UNITS = _Units()
+
+
 @dataclass(eq=False)
 class Identity:
     """A caller with the attributes policies ask for, each resolved on first use."""
 
     caller: Caller
     names: _Names = _NAMES
+    units: _Units = _UNITS
 
     @property
     def uid(self) -> int:
@@ -255,7 +296,16 @@ class Identity:
 
     def describe(self) -> dict:
         """The identity for an audit record (resolves every attribute)."""
-        if self.caller.rotator is not None:
-            return {"rotator": self.caller.rotator}
-        return {"uid": self.uid, "gid": self.gid, "user": self.user, "pid": self.pid,
-                "exe": self.exe, "unit": self.unit}
+        caller = self.caller
+        if caller.rotator is not None:
+            return {"rotator": caller.rotator}
+        pid = caller.pid
+        if pid <= 0:
+            unit = None
+        elif "unit" in self.__dict__:  # a policy asked: read afresh for this request
+            unit = self.unit
+            self.units.remember(pid, self.exe, unit)
+        else:
+            unit = self.units.unit(self)
+        return {"uid": caller.uid, "gid": caller.gid, "user": self.user, "pid": pid,
+                "exe": self.exe, "unit": unit}

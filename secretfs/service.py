@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import hmac
 import inspect
 import json
@@ -99,6 +98,7 @@ class SecretsManagerService:
         # Serializes mutations so commits and catalog refreshes happen in one order.
         self._mutation_lock = threading.RLock()
         self._pending_access: dict[tuple[int, str], datetime] = {}
+        self._access_day: tuple[datetime, datetime] | None = None  # [midnight, next)
         self._policy_listeners: list[Callable[[], None]] = []
         # Told when a rotation was requested, so the runner need not wait its turn.
         self.rotation_listeners: list[Callable[[], None]] = []
@@ -1312,8 +1312,7 @@ class SecretsManagerService:
         session = self.sessions.access_key(access_key_id)
         if session is not None:
             secret, caller = session
-            return secret, dataclasses.replace(caller, access_key=access_key_id,
-                                               address=address)
+            return secret, caller._replace(access_key=access_key_id, address=address)
         stored = self.access_keys.credentials(access_key_id)
         if stored is None:
             return None
@@ -1380,7 +1379,12 @@ class SecretsManagerService:
 
     def record_access(self, secret: Secret, version_id: str) -> None:
         """Note a read; LastAccessedDate is a date, so at most one write a day."""
-        today = self.now().replace(hour=0, minute=0, second=0, microsecond=0)
+        now = self.now()
+        day = self._access_day
+        if day is None or not day[0] <= now < day[1]:  # once a day: runs on every open
+            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+            day = self._access_day = midnight, midnight + timedelta(days=1)
+        today = day[0]
         version = secret.versions.get(version_id)
         if secret.accessed != today or (version and version.last_accessed != today):
             self._pending_access[(secret.secret_id, version_id)] = today

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from secretfs import audit, cli
 from secretfs.audit import GENESIS, AuditError, AuditLog, read_records, verify
@@ -128,6 +130,41 @@ def test_a_record_is_stamped_canonical_json_with_its_hash(directory):
     assert record["hash"] == hashlib.sha256(covered).hexdigest()
     assert line == covered[:-1] + f',"hash":"{record["hash"]}"}}\n'.encode()
     assert json.loads((directory / "audit.head").read_text()) == {"seq": 0, "hash": record["hash"]}
+
+
+_JSON_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_JSON_TEXT, inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_JSON_TEXT, _JSON_VALUES, max_size=6))
+def test_canonical_json_is_the_standard_librarys_bytes(record):
+    """Whichever encoder writes it, the bytes are the ones a verifier using only
+    Python's json module computes: escapes, key order, big integers, surrogates."""
+    assert audit.canonical(record) == json.dumps(
+        {k: v for k, v in record.items() if k != "hash"},
+        sort_keys=True, separators=(",", ":")).encode()
+
+
+def test_event_ids_are_distinct_uuid4s(directory):
+    log = AuditLog(directory)
+    for n in range(500):
+        log.record(event(n=n))
+    log.flush()
+    ids = [uuid.UUID(record["eventId"]) for record in on_disk(directory)]
+    assert len(set(ids)) == 500
+    assert {(i.version, i.variant) for i in ids} == {(4, uuid.RFC_4122)}
+
+
+@pytest.mark.parametrize("value", [1.5, [0.1], {"nested": float("nan")}])
+def test_an_event_holding_a_float_is_refused(directory, value):
+    log = AuditLog(directory)
+    with pytest.raises(TypeError, match="float"):
+        log.record(event(detail=value))
+    assert log.pending == 0
 
 
 def test_rotation_by_size_keeps_one_chain_across_files(directory):
