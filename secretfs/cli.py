@@ -306,6 +306,12 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                           "else) on standard output for 'systemd-creds encrypt "
                           "--name=secretfs-master-key - FILE'; the daemon then needs that "
                           "credential. The summary goes to standard error.")
+    sub.add_argument("--store", metavar="URL",
+                     help="The store: sqlite:///ABSOLUTE/PATH (default: secrets.db in the "
+                          "state directory) or postgresql://USER@HOST[:PORT]/DBNAME[?...] "
+                          "(an empty database; see the README's PostgreSQL store). A "
+                          "password, in the URL or PGPASSWORD, goes to STATE_DIR/pgpass "
+                          "(0600), never into config.json.")
     _add_output_options(sub)
     sub.set_defaults(run=_run_init)
 
@@ -788,7 +794,8 @@ def _run_init(args: argparse.Namespace) -> int:
         summary = daemon.init_state(state_dir, region=args.region, account_id=args.account_id,
                                     tls_hostnames=tuple(args.tls_hostnames),
                                     **({"sealed": True} if args.master_key_from_credential
-                                       else {}))
+                                       else {}),
+                                    **({"store_url": args.store} if args.store else {}))
     except FileExistsError:
         raise CommandError(f"{state_dir} is already initialized") from None
     except daemon.DaemonError as exc:

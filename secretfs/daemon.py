@@ -54,14 +54,17 @@ class DaemonError(Exception):
 # --- the state directory ---------------------------------------------------------------
 
 def init_state(state_dir: Path, *, region: str, account_id: str,
-               tls_hostnames: tuple[str, ...] = (), sealed: bool = False) -> dict:
+               tls_hostnames: tuple[str, ...] = (), sealed: bool = False,
+               store_url: str | None = None) -> dict:
     """Create the SQLite store and the local master key file (both 0600, root's), and
     the HTTPS endpoint's local CA and server certificate (also naming `tls_hostnames`).
     `sealed`: the key file never holds the master key; the summary's "MasterKey" is the
-    content of the systemd credential the daemon will need (see crypto/local.py)."""
+    content of the systemd credential the daemon will need (see crypto/local.py).
+    `store_url`: another store (see secretfs.store), created first and recorded in
+    config.json without its password."""
     from secretfs import tls
     from secretfs.crypto import LocalKeyProvider
-    from secretfs.store.sqlite import SqliteStore
+    from secretfs.store import StoreError, create_store, store_kind
 
     state = StateDir(Path(state_dir))
     if state.exists():
@@ -70,22 +73,33 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
         tls.subject_alternative_names(tls_hostnames)  # refused before anything is created
     except ValueError as error:
         raise DaemonError(f"invalid TLS host name: {error}") from None
+    url = store_url or state.store_url({})
+    try:
+        kind = store_kind(url)
+    except StoreError as error:
+        raise DaemonError(str(error)) from None
     old_umask = os.umask(0o077)
     try:
         state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state.root, 0o700)
+        try:  # first: a store that can't be created leaves nothing to undo
+            store, recorded_url = create_store(url, password_file=state.store_password_file)
+        except StoreError as error:
+            raise DaemonError(str(error)) from None
+        store.close()
         keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id,
                                        sealed=sealed)
-        SqliteStore.create(state.database)
         tls.create_authority(state.tls_dir, hostnames=tls_hostnames)
         state.write_config({
-            "Region": region, "AccountId": account_id, "Store": "sqlite",
+            "Region": region, "AccountId": account_id, "Store": kind,
+            **({"StoreUrl": recorded_url} if store_url else {}),
             "KeyProvider": "local", "Created": datetime.now(UTC).isoformat(),
         })
     finally:
         os.umask(old_umask)
     return {"StateDir": str(state.root), "Region": region, "AccountId": account_id,
-            "Store": str(state.database), "KeyFile": str(state.keys),
+            "Store": recorded_url if store_url else str(state.database),
+            "KeyFile": str(state.keys),
             "DefaultKey": keys.key_arn(keys.resolve(None)),
             "CaBundle": str(state.ca_certificate),
             "ServerCertificate": str(state.server_certificate),
@@ -109,7 +123,7 @@ def open_service(state: StateDir, *, audit=None):
     from secretfs.crypto import LocalKeyProvider
     from secretfs.policy import Authorizer
     from secretfs.service import SecretsManagerService
-    from secretfs.store.sqlite import SqliteStore
+    from secretfs.store import StoreError, open_store
 
     config = state.read_config()
     region, account_id = config["Region"], config["AccountId"]
@@ -121,7 +135,10 @@ def open_service(state: StateDir, *, audit=None):
         raise DaemonError(str(error)) from None
     if keys.sealed:
         log.info("master key from the systemd credential; %s holds it only sealed", state.keys)
-    store = SqliteStore(state.database)
+    try:
+        store = open_store(state.store_url(config))
+    except StoreError as error:
+        raise DaemonError(str(error)) from None
     return SecretsManagerService(store, keys, region=region, account_id=account_id,
                                  authorizer=Authorizer(audit=audit))
 

@@ -35,6 +35,15 @@ class StateDir:
         return self.root / "secrets.db"
 
     @property
+    def store_password_file(self) -> Path:
+        """A PostgreSQL store's password, in libpq's password file format (0600)."""
+        return self.root / "pgpass"
+
+    def store_url(self, config: dict) -> str:
+        """The store config.json names (StoreUrl), else the SQLite file here."""
+        return config.get("StoreUrl") or f"sqlite://{self.database.absolute()}"
+
+    @property
     def keys(self) -> Path:
         return self.root / "keys.json"
 
