@@ -246,6 +246,9 @@ class AuditLog:
         self._wake: Callable[[], None] | None = None
         self._wake_pending = False
         self._failing = False
+        # Called with the events of each batch written, in the flushing thread (the
+        # daemon's metrics count decisions there, off the hot path); must not raise.
+        self.observers: list[Callable[[list[dict]], None]] = []
         if not self.directory.is_dir():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)  # mkdir's mode is filtered by the umask
@@ -338,6 +341,11 @@ class AuditLog:
         """Records queued and not yet written."""
         return len(self._queue)
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last flush failed (the records wait in the queue)."""
+        return self._failing
+
     # --- writing ---
 
     def flush(self) -> int:
@@ -373,6 +381,8 @@ class AuditLog:
                         self._dropped -= dropped
                 if written:
                     self._update_head()
+                    for observer in self.observers:
+                        observer([event for event, _ in batch[:written]])
             return written
 
     def _chain(self, batch: list[tuple[dict, datetime]]

@@ -126,6 +126,28 @@ class Catalog:
             listener(old, new)
         return new
 
+    def reload(self, secret_id: int | None = None) -> list[str]:
+        """Re-read what another process may have committed to the store: one secret, or
+        every secret this catalog shows or the store holds. Listeners hear each one as
+        after a commit. Returns the names of the secrets that changed, sorted. A secret
+        whose snapshot was never loaded, and whose row is unchanged, has nothing stale."""
+        if secret_id is not None:
+            ids = [secret_id]
+        else:
+            with self._store.read() as reader:
+                stored = {row.secret_id: row for row in reader.rows()}
+            with self._lock:
+                ids = sorted({found for found, row in stored.items()
+                              if row != self._rows.get(found) or found in self._snapshots}
+                             | (self._rows.keys() - stored.keys()))
+        changed = []
+        for found in ids:
+            old, old_row = self._snapshots.get(found), self._rows.get(found)
+            new = self.refresh(found)
+            if new != old or self._rows.get(found) != old_row:
+                changed.append((new or old or old_row).name)
+        return sorted(changed)
+
     def _index(self, row: SecretRow) -> None:
         self._rows[row.secret_id] = row
         self._by_name[row.name] = row.secret_id

@@ -6,7 +6,8 @@ derived from botocore's service model so they match the AWS CLI flag for flag, a
 `audit verify|tail|search`. Client verbs only talk to the daemon through
 `secretfs.api.client`; the audit verbs read the audit log's files directly (through
 `secretfs.audit`), so they work with the daemon stopped. Nothing here touches the
-store or the keys.
+store or the keys. `import` (secretfs.migrate) is a client of the daemon too;
+`backup` and `restore` (secretfs.backup) copy the state directory's files.
 
 Exit codes follow the AWS CLI: 0 success, 252 bad usage, 254 a service error; 1 for
 local failures (no daemon, a daemon or mount error, an unreadable file://, an audit
@@ -374,6 +375,12 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     sub.set_defaults(run=_run_version)
 
     _add_audit_verbs(verbs)
+    # Verbs with modules of their own: import (migrate), backup and restore (backup),
+    # and status, refresh and wait for a running daemon (operate).
+    from secretfs import backup, migrate, operate
+
+    for module in (migrate, backup, operate):
+        module.add_parsers(verbs, _add_state_dir)
     return parser
 
 

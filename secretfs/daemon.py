@@ -268,7 +268,9 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
 
     from secretfs.api.server import serve_network, serve_unix
     from secretfs.audit import AuditError, AuditLog
+    from secretfs.control import Control
     from secretfs.fs.ops import SecretsOperations
+    from secretfs.hooks import HookManager
     from secretfs.rotation.rotators import rotator_for
     from secretfs.rotation.runner import RotationRunner
 
@@ -287,6 +289,10 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
             lock_memory()
         service = open_service(state, audit=audit)
         endpoint, ssl_context = _endpoint(state, options)
+        try:
+            metrics_endpoint = options.metrics_endpoint()
+        except OptionsError as error:
+            raise DaemonError(str(error)) from None
         _prepare_mountpoint(mountpoint)
         operations = SecretsOperations(service, strict_names=options.strict_names)
         # Computed before the mount exists: touching the mountpoint between
@@ -324,7 +330,20 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                     rotator_for, state_dir=str(state.root), region=service.region,
                     endpoint=endpoint_url, ca_bundle=_ca_bundle(state, options)))
                 service.rotation_listeners.append(_waker(runner))
+                if metrics_endpoint is not None:
+                    from secretfs.metrics import Metrics, serve_metrics
+
+                    bound = await nursery.start(functools.partial(
+                        serve_metrics, Metrics(service, audit, operations, mountpoint),
+                        *metrics_endpoint, runner=runner))
+                    log.info("serving metrics and health at %s", _url(bound[0], https=False))
                 await nursery.start(runner.run)
+                hooks = HookManager(service, directory=state.hooks_dir, mountpoint=mountpoint,
+                                    state_dir=state.root)
+                await nursery.start(hooks.run)
+                service.control = Control(service, mountpoint=mountpoint, state=state,
+                                          audit=audit, hooks=hooks, endpoint=endpoint_url,
+                                          strict_names=options.strict_names)
                 nursery.start_soon(_stop_on_signal, pyfuse3)
                 with contextlib.suppress(OSError):
                     RUN_DIR.mkdir(mode=0o700, exist_ok=True)
@@ -434,17 +453,19 @@ def _notify_systemd(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
-def _configure_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(options: MountOptions, state: StateDir) -> None:
+    from secretfs import logs
+
+    with contextlib.suppress(OSError, ValueError):  # serve() reports a bad state directory
+        options = options.with_config(state.read_config())
+    logs.configure(debug=options.debug, log_format=options.log_format)
 
 
 def run_foreground(mountpoint: Path, state: StateDir, *,
                    options: MountOptions = DEFAULT_OPTIONS,
                    ready_fd: int | None = None) -> None:
     """Serve until unmounted; report readiness on `ready_fd` and to systemd."""
-    _configure_logging(options.debug)
+    _configure_logging(options, state)
     harden_process()
 
     def ready() -> None:

@@ -25,8 +25,9 @@ from secretfs.options import MountOptions, OptionsError
 
 EXIT_USAGE, EXIT_FAILURE = 1, 32  # mount(8)'s codes: incorrect invocation, mount failure
 
-_FLAGS = {"strict_names", "lock_memory", "debug", "plain_http"}
-_VALUES = {"listen": "listen", "tls_cert": "tls_certificate", "tls_key": "tls_key"}
+_FLAGS = {"strict_names", "lock_memory", "debug", "plain_http", "metrics_allow_remote"}
+_VALUES = {"listen": "listen", "tls_cert": "tls_certificate", "tls_key": "tls_key",
+           "metrics_listen": "metrics_listen", "log_format": "log_format"}
 # What fstab lines carry for mount(8), systemd or the kernel, and the daemon decides itself.
 _IGNORED = {
     "rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",

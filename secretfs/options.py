@@ -15,7 +15,8 @@ class OptionsError(ValueError):
 class MountOptions:
     """How a daemon serves: given to `secretfs mount`, handed on to the detached child.
     The network endpoint may also come from the state directory's config.json
-    ("Listen", "TlsCertificate", "TlsKey", "PlainHttp"), and so may "LockMemory": true;
+    ("Listen", "TlsCertificate", "TlsKey", "PlainHttp"), and so may "LockMemory": true,
+    the metrics listener ("MetricsListen", "MetricsAllowRemote") and "LogFormat";
     flags win."""
 
     debug: bool = False
@@ -25,6 +26,9 @@ class MountOptions:
     tls_key: str | None = None
     plain_http: bool = False
     lock_memory: bool = False  # mlockall: keep plaintext out of swap (a warning if refused)
+    metrics_listen: str | None = None  # HOST:PORT of /metrics and /healthz (secretfs/metrics.py)
+    metrics_allow_remote: bool = False  # metrics name secrets: loopback only, unless this
+    log_format: str | None = None  # text, json or journal; None: journal under journald, else text
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +52,18 @@ class MountOptions:
             help="Lock the daemon's memory (mlockall) so secrets are never swapped out; "
                  "needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK, else it warns "
                  "and serves unlocked.")
+        parser.add_argument(
+            "--metrics-listen", metavar="HOST:PORT",
+            help="Serve Prometheus metrics at /metrics and a health check at /healthz "
+                 "here (plain HTTP; a loopback address, e.g. 127.0.0.1:9464).")
+        parser.add_argument(
+            "--metrics-allow-remote", action="store_true",
+            help="Let --metrics-listen take a non-loopback address (metrics name secrets).")
+        parser.add_argument(
+            "--log-format", choices=("text", "json", "journal"),
+            help="The daemon's log lines on stderr: text, json (one object a line) or "
+                 "journal (<N> priority prefixes); default: journal when stderr is "
+                 "systemd's journal, else text.")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MountOptions:
@@ -70,6 +86,12 @@ class MountOptions:
         options = self
         if config.get("LockMemory") is True:
             options = replace(options, lock_memory=True)
+        if options.metrics_listen is None and config.get("MetricsListen"):
+            options = replace(options, metrics_listen=config["MetricsListen"],
+                              metrics_allow_remote=self.metrics_allow_remote
+                              or config.get("MetricsAllowRemote") is True)
+        if options.log_format is None and config.get("LogFormat"):
+            options = replace(options, log_format=config["LogFormat"])
         if options.listen is not None or not config.get("Listen"):
             return options
         return replace(options, listen=config["Listen"],
@@ -81,18 +103,37 @@ class MountOptions:
         """(host, port) of --listen, checked: plain HTTP is for loopback only."""
         if self.listen is None:
             return None
-        host, _, port = self.listen.rpartition(":")
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise OptionsError(f"--listen {self.listen!r}: give HOST:PORT, e.g. 127.0.0.1:8443")
-        if self.plain_http:
-            try:
-                loopback = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                loopback = host == "localhost"
-            if not loopback:
-                raise OptionsError(f"--plain-http serves only a loopback address, not {host}")
-        return host, int(port)
+        host, port = _host_port("--listen", self.listen, "127.0.0.1:8443")
+        if self.plain_http and not _is_loopback(host):
+            raise OptionsError(f"--plain-http serves only a loopback address, not {host}")
+        return host, port
+
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """(host, port) of --metrics-listen, checked: loopback unless allowed, since
+        metrics name secrets."""
+        if self.metrics_listen is None:
+            return None
+        host, port = _host_port("--metrics-listen", self.metrics_listen, "127.0.0.1:9464")
+        if not self.metrics_allow_remote and not _is_loopback(host):
+            raise OptionsError(
+                f"--metrics-listen {host} is not a loopback address: metrics name secrets, "
+                "so serving them beyond this host takes --metrics-allow-remote")
+        return host, port
+
+
+def _host_port(flag: str, value: str, example: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OptionsError(f"{flag} {value!r}: give HOST:PORT, e.g. {example}")
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 DEFAULT_OPTIONS = MountOptions()

@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import inspect
 import json
+import math
 import random
 import re
 import secrets
@@ -80,7 +81,7 @@ class SecretsManagerService:
     EXTENSION_ACTIONS = frozenset({
         "CreateKey", "ListKeys", "PutIdentityPolicy", "GetIdentityPolicy",
         "DeleteIdentityPolicy", "ListIdentityPolicies", "CreateAccessKey", "ListAccessKeys",
-        "DeleteAccessKey",
+        "DeleteAccessKey", "GetStatus", "Refresh",
     })
 
     def __init__(self, store, keys: KeyProvider, *, region: str, account_id: str,
@@ -106,6 +107,8 @@ class SecretsManagerService:
         self.sessions = Sessions()
         self.access_keys = AccessKeys(store, keys)
         self.policy_generation = 0
+        # The daemon's side of `secretfs status` and `refresh` (secretfs/control.py).
+        self.control = None
         self._load_policies()
 
     # --- dispatch ---------------------------------------------------------------
@@ -1290,6 +1293,63 @@ class SecretsManagerService:
     def delete_access_key(self, caller: Caller, AccessKeyId):
         self._authorize(caller, "secretfs:DeleteAccessKey")
         return self.access_keys.delete(AccessKeyId)
+
+    def get_status(self, caller: Caller):
+        """`secretfs status`: the mount, store, keys, rotations, audit log and hooks."""
+        audit = self.authorizer.audit
+        queued = audit.pending if audit is not None else 0  # without this request's record
+        self._authorize(caller, "secretfs:GetStatus")
+        return self._control().status(audit_queued=queued)
+
+    def refresh(self, caller: Caller, SecretId=None):
+        """`secretfs refresh`: re-read one secret, or everything, from the store."""
+        self._authorize(caller, "secretfs:Refresh")
+        secret_id = None
+        if SecretId is not None:
+            try:
+                secret_id = self._lookup(SecretId)
+            except ResourceNotFoundException:
+                # Perhaps created by another process: the catalog doesn't know it yet.
+                with self.store.read() as reader:
+                    secret_id = reader.find(**{"arn" if model.looks_like_arn(SecretId)
+                                               else "name": SecretId})
+                if secret_id is None:
+                    raise
+        return self._control().refresh(secret_id)
+
+    def _control(self):
+        if self.control is None:
+            raise ServiceUnavailable("No daemon serves this store.")
+        return self.control
+
+    def reload(self, secret_id: int | None = None) -> list[str]:
+        """Re-read what another process committed to a shared store: the secrets (one,
+        or all) and the policies. Listeners hear each change as after a commit; returns
+        the names of the secrets that changed."""
+        with self._mutation_lock:
+            changed = self.catalog.reload(secret_id)
+            self._load_policies()
+        return changed
+
+    def rotation_summary(self) -> dict:
+        """How many secrets have a rotation scheduled or open, which are due now, and
+        which are stopped at a failing step (the index gives those; only they are read)."""
+        now = self.now().timestamp()
+        with self.store.read() as reader:
+            due = set(reader.rotations_due(now))
+            rotating = [reader.load(secret_id) for secret_id in reader.rotations_due(math.inf)]
+            next_due = reader.next_rotation_due()
+        rotating = [secret for secret in rotating if secret is not None]
+        failing = []
+        for secret in rotating:
+            pending = (secret.rotation or {}).get("Pending") or {}
+            if pending.get("Error"):
+                failing.append({"Name": secret.name, "Error": pending["Error"],
+                                "Attempts": pending.get("Attempts", 0),
+                                "RetryDate": pending.get("RetryAt")})
+        return {"Scheduled": len(rotating),
+                "Due": sorted(secret.name for secret in rotating if secret.secret_id in due),
+                "Failing": failing, "NextDueDate": next_due}
 
     def record_refused(self, target: str | None, error: model.SecretsManagerError, *,
                        source: str, address: str | None, access_key: str | None) -> None:

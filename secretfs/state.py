@@ -65,6 +65,11 @@ class StateDir:
         return self.root / "audit"
 
     @property
+    def hooks_dir(self) -> Path:
+        """Change hooks, one JSON file each (see secretfs.hooks); root's alone."""
+        return self.root / "hooks.d"
+
+    @property
     def tls_dir(self) -> Path:
         """The HTTPS endpoint's CA and server certificate (see secretfs.tls)."""
         return self.root / "tls"

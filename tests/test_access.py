@@ -318,8 +318,8 @@ def test_a_resource_policy_grants_a_uid_no_identity_policy_names(scene):
     assert_denied(alice, scene.path("shared/token", "AWSCURRENT"))
 
 
-@pytest.fixture
-def reader_cgroup() -> Iterator[Path]:
+@contextlib.contextmanager
+def scope_cgroup() -> Iterator[Path]:
     """A cgroup of our own, named like a systemd scope. `systemd-run --scope` needs
     systemd as PID 1, which containers (this test machine's included) often lack; the
     daemon reads the kernel's cgroup either way, and the unit is the path's innermost
@@ -341,6 +341,12 @@ def reader_cgroup() -> Iterator[Path]:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+@pytest.fixture
+def reader_cgroup() -> Iterator[Path]:
+    with scope_cgroup() as directory:
+        yield directory
 
 
 def in_cgroup(directory: Path, user: pwd.struct_passwd, *command: str | Path):
@@ -380,6 +386,90 @@ def test_unit_and_cgroup_principals_match_the_readers_cgroup(scene, reader_cgrou
         assert denied.returncode != 0 and DENIED in denied.stderr
     finally:
         scene.delete_identity_policy(f"cgroup:{cgroup}", "ByCgroup")
+
+
+class SteppedShell:
+    """A shell that opens a file itself (a redirection of a compound command, so its own
+    pid opens it) each time the test says so, started inside a cgroup as a user: the test can move it to
+    another cgroup, or make it exec another program, between two opens."""
+
+    def __init__(self, directory: Path, user: pwd.struct_passwd, path: Path):
+        script = ('echo $$ > "$1" && exec setpriv --reuid="$2" --regid="$3" --init-groups '
+                  '-- sh -c \'while read -r step; do case $step in '
+                  'read) if { true; } 2>/dev/null < "$0"; then echo allowed; else echo denied; fi;; '
+                  'exec) exec cat "$0";; esac; done\' "$4"')
+        self.process = subprocess.Popen(
+            ["sh", "-c", script, "sh", str(directory / "cgroup.procs"), str(user.pw_uid),
+             str(user.pw_gid), str(path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.pid = self.process.pid
+
+    def read(self) -> str:
+        self.process.stdin.write(b"read\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().decode().strip()
+
+    def exec_cat(self) -> None:
+        self.process.stdin.write(b"exec\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def test_a_unit_policy_decides_on_the_cgroup_of_this_very_open(scene, reader_cgroup):
+    """The audit record's unit may be remembered for a second per process; a policy's
+    never is: the open right after a move to another cgroup is judged by the new one."""
+    dave = scene.users.dave
+    scene.put_resource_policy("svc/by-unit", {"Statement": [allow(
+        "*", "ByUnit", Principal={"Unix": [f"unit:{reader_cgroup.name}"]})]})
+    path = scene.path("svc/by-unit", "AWSCURRENT")
+    with scope_cgroup() as elsewhere:
+        shell = SteppedShell(reader_cgroup, dave, path)
+        try:
+            assert shell.read() == "allowed"
+            (elsewhere / "cgroup.procs").write_text(str(shell.pid))
+            assert shell.read() == "denied"
+        finally:
+            shell.close()
+    records = wait_for_records(scene.daemon, {shell.pid}, "--secret", "svc/by-unit")
+    units = [(r["decision"], r["userIdentity"]["unit"]) for r in records
+             if r["userIdentity"]["pid"] == shell.pid]
+    assert units == [("allow", reader_cgroup.name), ("deny", elsewhere.name)]
+
+
+def test_the_audit_record_follows_a_process_across_exec_and_cgroup_moves(scene,
+                                                                        reader_cgroup):
+    """Root's opens are decided without /proc, so only the audit record reads it: a
+    move shows within a second, an exec at once (with the new executable's unit)."""
+    root = pwd.getpwuid(0)
+    path = scene.path("prod/api", "AWSCURRENT")
+    with scope_cgroup() as elsewhere:
+        shell = SteppedShell(reader_cgroup, root, path)
+        try:
+            assert shell.read() == "allowed"
+            (elsewhere / "cgroup.procs").write_text(str(shell.pid))
+            time.sleep(1.2)  # longer than a remembered unit lives
+            assert shell.read() == "allowed"
+            (reader_cgroup / "cgroup.procs").write_text(str(shell.pid))
+            shell.exec_cat()  # same pid, another program: nothing remembered applies
+        finally:
+            shell.close()
+    expected = 3
+    deadline = time.monotonic() + 3
+    while True:
+        records = [r for r in scene.daemon.audit_records("--secret", "prod/api")
+                   if r["userIdentity"].get("pid") == shell.pid]
+        if len(records) >= expected or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    shell_exe = os.path.realpath("/bin/sh")
+    assert [(r["userIdentity"]["exe"], r["userIdentity"]["unit"]) for r in records] == [
+        (shell_exe, reader_cgroup.name), (shell_exe, elsewhere.name),
+        (CAT, reader_cgroup.name)]
 
 
 def test_an_exe_principal_lets_cat_read_and_not_another_program(scene):

@@ -197,7 +197,8 @@ def test_exposed_verbs_are_exactly_the_listed_actions():
         "version", "audit",
         "put-identity-policy", "get-identity-policy", "delete-identity-policy",
         "list-identity-policies", "create-access-key", "list-access-keys", "delete-access-key",
-        "set-presentation"}
+        "set-presentation",
+        "import", "backup", "restore", "status", "refresh", "wait"}
 
 
 @pytest.mark.parametrize("action", cli.AWS_ACTIONS)

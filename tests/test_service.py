@@ -1185,6 +1185,8 @@ def _every_action(v1: str, v2: str) -> list[tuple[str, dict]]:
         ("CreateAccessKey", {"Principal": "uid:1000"}),
         ("ListAccessKeys", {}),
         ("DeleteAccessKey", {"AccessKeyId": "AKSF" + "A" * 16}),
+        ("GetStatus", {}),
+        ("Refresh", {}),
     ]
 
 
@@ -1200,7 +1202,7 @@ def test_every_action_is_covered_by_the_denial_test(svc):
     assert covered == svc.AWS_ACTIONS | svc.EXTENSION_ACTIONS
 
 
-@pytest.mark.parametrize("index", range(29))
+@pytest.mark.parametrize("index", range(len(_every_action("a", "b"))))
 def test_non_root_caller_is_denied_every_action(env, call, svc, user, index):
     v1 = call("CreateSecret", Name="s", SecretString="one",
               Tags=[{"Key": "team", "Value": "db"}])["VersionId"]

@@ -174,6 +174,10 @@ def test_helper_options_map_to_mount_flags_and_generic_ones_are_ignored():
     assert options == MountOptions(strict_names=True, lock_memory=True,
                                    listen="127.0.0.1:8443", tls_certificate="/etc/c.pem",
                                    tls_key="/etc/k.pem")
+    observed, _ = parse_options("metrics_listen=127.0.0.1:9464,metrics_allow_remote,"
+                                "log_format=json")
+    assert observed == MountOptions(metrics_listen="127.0.0.1:9464",
+                                    metrics_allow_remote=True, log_format="json")
     assert parse_options("")[0] == MountOptions()
     for bad in ("bogus", "strict_names=1", "listen", "listen="):
         with pytest.raises(OptionsError):

@@ -20,6 +20,7 @@ import socket
 import ssl
 import stat
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,9 @@ class Request:
 Authenticator = Callable[[Request], Caller]
 # Made once per connection, from the connection's stream.
 AuthenticatorFactory = Callable[[trio.abc.Stream], Authenticator]
+# Hear (X-Amz-Target, HTTP status, seconds from the request read to its answer ready)
+# for each request, in the trio thread: the daemon's metrics, when served.
+request_listeners: list[Callable[[str | None, int, float], None]] = []
 
 
 class HTTPError(model.SecretsManagerError):
@@ -316,10 +320,14 @@ async def serve_connection(
                     return
             if request is None:
                 return
+            started = time.perf_counter()
             # The service is synchronous (SQLite, crypto): off the event loop,
             # so the FUSE loop in the same trio run is never blocked.
             reply = await trio.to_thread.run_sync(
                 _answer, service, authenticate, request, limiter=limiter)
+            for listener in request_listeners:
+                listener(request.header("x-amz-target"), reply.status,
+                         time.perf_counter() - started)
             with trio.fail_after(limits.timeout):
                 await stream.send_all(_reply_bytes(conn, reply))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:

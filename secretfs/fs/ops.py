@@ -85,6 +85,9 @@ class SecretsOperations(pyfuse3.Operations):
         self._mount_time_ns = time.time_ns()
         # Set once the kernel is attached: invalidations before that have nothing to do.
         self.mounted = False
+        # open()'s own latency, for secretfs/metrics.py: a count per bit length of the
+        # nanoseconds (a power-of-two bucket), and the total in the last slot.
+        self.open_latency = [0] * 65
         service.catalog.subscribe(self._invalidate)
         service.subscribe_policies(self._policies_changed)
 
@@ -266,6 +269,7 @@ class SecretsOperations(pyfuse3.Operations):
 
     @_fuse_handler
     async def open(self, inode, flags, ctx):
+        started = time.perf_counter_ns()
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
@@ -278,6 +282,9 @@ class SecretsOperations(pyfuse3.Operations):
         self.service.record_access(secret, version_id)
         handle = next(self._handle_counter)
         self._files[handle] = _OpenFile(node)
+        elapsed = time.perf_counter_ns() - started
+        self.open_latency[elapsed.bit_length()] += 1
+        self.open_latency[-1] += elapsed
         # A version never changes, so pages the kernel already holds stay valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
@@ -373,3 +380,20 @@ class SecretsOperations(pyfuse3.Operations):
                 continue
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
+            if node[0] != L.LABEL:
+                continue
+            # For inotify: the kernel reports no change made through FUSE, but an entry
+            # forgotten as deleted gives IN_DELETE_SELF to watches on its inode (once
+            # unused): the label's symlink (IN_DONT_FOLLOW) and the version it pointed to
+            # (a watch through the link). Both names still resolve: a reader's next
+            # lookup finds them anew, never ENOENT.
+            version_id = old.labels[node[2]]
+            for parent, name, child in (
+                    ((L.DIR, old.path), node[2], inode),
+                    ((L.VERSIONS, old.secret_id), version_id,
+                     self._inode_of.get((L.VERSION, old.secret_id, version_id)))):
+                parent_inode = self._inode_of.get(parent)
+                if parent_inode is not None and child is not None:
+                    with contextlib.suppress(OSError):
+                        pyfuse3.invalidate_entry(parent_inode, os.fsencode(L.file_name(name)),
+                                                 deleted=child)

@@ -37,6 +37,9 @@ class RotationRunner:
         # while a thread works.
         self._in_thread = in_thread or trio.to_thread.run_sync
         self._wake = trio.Event()
+        # Hear (secret id, finished) as each rotation run ends: all four steps done, or
+        # stopped by a failure (to be retried). The daemon's metrics count them.
+        self.observers: list[Callable[[int, bool], None]] = []
 
     def wake(self) -> None:
         """Something changed (RotateSecret): look for due rotations now."""
@@ -62,6 +65,7 @@ class RotationRunner:
             opened = await self._thread(self.service.open_rotation, secret_id)
         except Exception:
             log.exception("can't open a rotation for secret %d", secret_id)
+            self._ended(secret_id, False)
             return False
         if opened is None:
             return False
@@ -88,10 +92,16 @@ class RotationRunner:
                 log.warning("rotation of %s failed at %s: %s", secret_arn, step, error)
                 await self._thread(self.service.record_rotation_step, secret_id, token, step,
                                    f"{type(error).__name__}: {error}")
+                self._ended(secret_id, False)
                 return False
             await self._thread(self.service.record_rotation_step, secret_id, token, step)
         log.info("rotated %s (version %s)", secret_arn, token)
+        self._ended(secret_id, True)
         return True
+
+    def _ended(self, secret_id: int, finished: bool) -> None:
+        for observer in self.observers:
+            observer(secret_id, finished)
 
     async def _thread(self, function, *args):
         return await self._in_thread(function, *args, limiter=self._limiter)
