@@ -529,6 +529,9 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = 10.0) -> N
         pid = json.loads(registry.read_text())["pid"]
     if not _is_mountpoint(mountpoint) and not _is_stale(mountpoint):
         raise DaemonError(f"{mountpoint} is not mounted")
+    device = None
+    with contextlib.suppress(OSError):
+        device = os.stat(mountpoint).st_dev
     _fusermount(mountpoint, lazy=lazy)
     if pid is None:
         return
@@ -537,7 +540,38 @@ def unmount(mountpoint: Path, *, lazy: bool = False, timeout: float = 10.0) -> N
         if not _running(pid):
             return
         time.sleep(0.02)
+    holders = _mounted_elsewhere(device) if device is not None else []
+    if holders:
+        raise DaemonError(
+            f"unmounted {mountpoint}, but daemon pid {pid} has not exited: its filesystem "
+            f"is still mounted in {len(holders)} other mount namespace(s) (bind mounts, "
+            f"e.g. a container's; held by pid {', '.join(map(str, holders[:5]))}); stop "
+            f"those, or 'kill {pid}' to end it for all of them")
     raise DaemonError(f"unmounted {mountpoint}, but daemon pid {pid} has not exited")
+
+
+def _mounted_elsewhere(device: int) -> list[int]:
+    """One process per mount namespace that still has a mount of `device` (a FUSE
+    connection's st_dev), this one's excluded."""
+    wanted = f" {os.major(device)}:{os.minor(device)} "
+    seen = set()
+    with contextlib.suppress(OSError):
+        seen.add(os.stat("/proc/self/ns/mnt").st_ino)
+    holders = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            namespace = os.stat(f"/proc/{entry}/ns/mnt").st_ino
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            with open(f"/proc/{entry}/mountinfo") as mounts:
+                if any(wanted in line for line in mounts):
+                    holders.append(int(entry))
+        except OSError:
+            continue
+    return sorted(holders)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -472,6 +472,34 @@ def test_the_audit_record_follows_a_process_across_exec_and_cgroup_moves(scene,
         (CAT, reader_cgroup.name)]
 
 
+def test_a_recycled_pid_never_inherits_the_identity_of_its_last_owner(scene):
+    """The daemon keeps /proc/<pid> open for processes that ask again; a new process
+    given the same pid is still read as itself."""
+    path = scene.path("prod/api", "AWSCURRENT")
+    dash, bash = os.path.realpath("/bin/sh"), os.path.realpath(shutil.which("bash"))
+    assert dash != bash
+    for _ in range(20):
+        first = subprocess.Popen([dash, "-c", '{ true; } < "$0"', str(path)])
+        first.wait(timeout=30)
+        # The next process gets the same pid: ns_last_pid is the pid handed out last.
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(first.pid - 1))
+        second = subprocess.Popen([bash, "-c", '{ true; } < "$0"', str(path)])
+        second.wait(timeout=30)
+        assert first.returncode == 0 and second.returncode == 0
+        if second.pid == first.pid:
+            break
+    else:
+        pytest.fail("the kernel never handed the same pid out twice in a row")
+    deadline = time.monotonic() + 3
+    while True:
+        exes = [r["userIdentity"]["exe"] for r in scene.daemon.audit_records("--secret", "prod/api")
+                if r["userIdentity"].get("pid") == first.pid]
+        if len(exes) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert exes[-2:] == [dash, bash]
+
+
 def test_an_exe_principal_lets_cat_read_and_not_another_program(scene):
     dave, alice = scene.users.dave, scene.users.alice
     principal = f"exe:{CAT}"

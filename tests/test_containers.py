@@ -577,6 +577,7 @@ def test_umount_leaves_the_daemon_serving_the_containers_that_bind_it(scene, dae
         assert app.wait_for_last(app_line(value))
         result = daemon.cli("umount", str(daemon.mountpoint), check=False)
         assert result.returncode == 1 and b"has not exited" in result.stderr, result.stderr
+        assert b"other mount namespace" in result.stderr, result.stderr
         assert not os.path.ismount(daemon.mountpoint)
         assert set(app.next_lines()) == {app_line(value)}
         assert Path(f"/proc/{pid}").exists()
