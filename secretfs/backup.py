@@ -433,7 +433,8 @@ def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
 
 
 def _run_backup(args: argparse.Namespace) -> int:
-    from secretfs.migrate import EXIT_FAILURE, EXIT_OK, fail
+    from secretfs.cli import EXIT_FAILURE, EXIT_OK
+    from secretfs.migrate import fail
     from secretfs.state import resolve_state_dir
 
     state_dir = resolve_state_dir(args.state_dir)
@@ -449,7 +450,8 @@ def _run_backup(args: argparse.Namespace) -> int:
 
 
 def _run_restore(args: argparse.Namespace) -> int:
-    from secretfs.migrate import EXIT_FAILURE, EXIT_OK, fail
+    from secretfs.cli import EXIT_FAILURE, EXIT_OK
+    from secretfs.migrate import fail
     from secretfs.state import resolve_state_dir
 
     state_dir = resolve_state_dir(args.state_dir)

@@ -754,6 +754,13 @@ def _call(client, request: Request) -> dict:
     return response
 
 
+def service_error(action: str, error: SecretsManagerError) -> int:
+    """The AWS CLI's line for an error answer to `action`, on stderr; the exit code."""
+    print(f"An error occurred ({error.code}) when calling the {action} operation: "
+          f"{_one_line(error.message)}", file=sys.stderr)
+    return EXIT_SERVICE_ERROR
+
+
 def _run_client_verb(request: Request) -> int:
     from secretfs.api.client import Client, ClientConnectionError
 
@@ -762,9 +769,7 @@ def _run_client_verb(request: Request) -> int:
     except ClientConnectionError as exc:  # no daemon, no permission, a dropped connection
         raise CommandError(str(exc)) from None
     except SecretsManagerError as exc:
-        print(f"An error occurred ({exc.code}) when calling the {request.action} operation: "
-              f"{_one_line(exc.message)}", file=sys.stderr)
-        return EXIT_SERVICE_ERROR
+        return service_error(request.action, exc)
     sys.stdout.write(format_response(response, request.output,
                                      None if request.extension else request.action))
     return EXIT_OK

@@ -40,6 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from secretfs import model
+from secretfs.cli import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_SERVICE_ERROR,
+    EXIT_USAGE,
+    _one_line,
+)
 from secretfs.model import AWSCURRENT, SecretsManagerError
 
 # The label a deprecated AWS version carries for the moment between its PutSecretValue
@@ -47,8 +54,6 @@ from secretfs.model import AWSCURRENT, SecretsManagerError
 # collide with its file.
 IMPORT_LABEL = "secretfs:importing"
 DOCKER_SECRETS = Path("/run/secrets")
-# cli.py's exit codes (as the AWS CLI's): a local failure, bad usage, a service error.
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SERVICE_ERROR = 0, 1, 252, 254
 
 
 class MigrationError(Exception):
@@ -699,10 +704,6 @@ def _update(secret: SourceSecret, entry: dict, local: LocalSecrets) -> Change:
     if not calls:
         return Change(secret.name, "unchanged", "")
     return Change(secret.name, "update", ", ".join(changed), tuple(calls))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # --- the command line ---------------------------------------------------------------

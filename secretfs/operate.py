@@ -21,11 +21,14 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+# Not cli.CommandError: under `python -m secretfs.cli` this module's secretfs.cli is
+# a second copy of __main__, whose except clauses would not know its class.
+from secretfs.cli import EXIT_FAILURE, EXIT_OK, _one_line, service_error
 from secretfs.model import AWSCURRENT, SecretsManagerError
 from secretfs.state import StateDir, resolve_state_dir
 
-# cli.py's exit codes (the AWS CLI's), and timeout(1)'s.
-EXIT_OK, EXIT_FAILURE, EXIT_SERVICE_ERROR, EXIT_TIMEOUT = 0, 1, 254, 124
+# timeout(1)'s exit code; the others are cli.py's (the AWS CLI's).
+EXIT_TIMEOUT = 124
 WAIT_INTERVAL = 1.0
 
 
@@ -110,12 +113,10 @@ def _asking(action: str):
             try:
                 return run(args)
             except ClientConnectionError as error:
-                print(" ".join(str(error).split()), file=sys.stderr)
+                print(_one_line(str(error)), file=sys.stderr)
                 return EXIT_FAILURE
             except SecretsManagerError as error:
-                print(f"An error occurred ({error.code}) when calling the {action} "
-                      f"operation: {' '.join(str(error.message).split())}", file=sys.stderr)
-                return EXIT_SERVICE_ERROR
+                return service_error(action, error)
         return verb
     return decorate
 
