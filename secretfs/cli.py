@@ -313,6 +313,13 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
                           "(an empty database; see the README's PostgreSQL store). A "
                           "password, in the URL or PGPASSWORD, goes to STATE_DIR/pgpass "
                           "(0600), never into config.json.")
+    sub.add_argument("--join", action="store_true",
+                     help="Another host of a fleet: --store names the fleet's existing "
+                          "PostgreSQL store (its region and account id are used) and "
+                          "--keys-from a copy of the first host's key file.")
+    sub.add_argument("--keys-from", metavar="FILE", type=Path,
+                     help="With --join: the fleet's key file (keys.json of the host that "
+                          "ran init first), copied into this state directory.")
     _add_output_options(sub)
     sub.set_defaults(run=_run_init)
 
@@ -807,7 +814,8 @@ def _run_init(args: argparse.Namespace) -> int:
                                     tls_hostnames=tuple(args.tls_hostnames),
                                     **({"sealed": True} if args.master_key_from_credential
                                        else {}),
-                                    **({"store_url": args.store} if args.store else {}))
+                                    **({"store_url": args.store} if args.store else {}),
+                                    join=args.join, keys_from=args.keys_from)
     except FileExistsError:
         raise CommandError(f"{state_dir} is already initialized") from None
     except daemon.DaemonError as exc:

@@ -55,13 +55,17 @@ class DaemonError(Exception):
 
 def init_state(state_dir: Path, *, region: str, account_id: str,
                tls_hostnames: tuple[str, ...] = (), sealed: bool = False,
-               store_url: str | None = None) -> dict:
+               store_url: str | None = None, join: bool = False,
+               keys_from: Path | None = None) -> dict:
     """Create the SQLite store and the local master key file (both 0600, root's), and
     the HTTPS endpoint's local CA and server certificate (also naming `tls_hostnames`).
     `sealed`: the key file never holds the master key; the summary's "MasterKey" is the
     content of the systemd credential the daemon will need (see crypto/local.py).
     `store_url`: another store (see secretfs.store), created first and recorded in
-    config.json without its password."""
+    config.json without its password.
+    `join`: another host of a fleet: the store at `store_url` exists already; its region
+    and account id are this host's, and the master keys are a copy of the first host's
+    key file, `keys_from`."""
     from secretfs import tls
     from secretfs.crypto import LocalKeyProvider
     from secretfs.store import StoreError, create_store, store_kind
@@ -73,22 +77,40 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
         tls.subject_alternative_names(tls_hostnames)  # refused before anything is created
     except ValueError as error:
         raise DaemonError(f"invalid TLS host name: {error}") from None
+    if join and (store_url is None or keys_from is None):
+        raise DaemonError("joining a fleet takes the shared store's URL (--store) and a "
+                          "copy of its key file (--keys-from)")
     url = store_url or state.store_url({})
     try:
         kind = store_kind(url)
     except StoreError as error:
         raise DaemonError(str(error)) from None
+    key_file = _read_key_file(keys_from) if join else None
     old_umask = os.umask(0o077)
     try:
         state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(state.root, 0o700)
+        store = None
         try:  # first: a store that can't be created leaves nothing to undo
-            store, recorded_url = create_store(url, password_file=state.store_password_file)
+            if join:
+                store, recorded_url = _join_store(url, state)
+                region = _store_setting(store, "region", region)
+                account_id = _store_setting(store, "account_id", account_id)
+            else:
+                store, recorded_url = create_store(url, password_file=state.store_password_file)
+                with store.write() as writer:
+                    writer.set_meta("region", region)
+                    writer.set_meta("account_id", account_id)
         except StoreError as error:
             raise DaemonError(str(error)) from None
-        store.close()
-        keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id,
-                                       sealed=sealed)
+        finally:
+            if store is not None:
+                store.close()
+        if key_file is None:
+            keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id,
+                                           sealed=sealed)
+        else:
+            keys = _install_key_file(key_file, state, region=region, account_id=account_id)
         tls.create_authority(state.tls_dir, hostnames=tls_hostnames)
         state.write_config({
             "Region": region, "AccountId": account_id, "Store": kind,
@@ -100,10 +122,57 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
     return {"StateDir": str(state.root), "Region": region, "AccountId": account_id,
             "Store": recorded_url if store_url else str(state.database),
             "KeyFile": str(state.keys),
-            "DefaultKey": keys.key_arn(keys.resolve(None)),
+            **({"DefaultKey": keys.key_arn(keys.resolve(None))} if keys is not None else {}),
             "CaBundle": str(state.ca_certificate),
             "ServerCertificate": str(state.server_certificate),
             **({"MasterKey": keys.master_key()} if sealed else {})}
+
+
+def _join_store(url: str, state: StateDir):
+    """Open the fleet's existing store; its password goes to this host's pgpass."""
+    from secretfs.store import open_store, store_kind
+
+    if store_kind(url) != "postgresql":
+        raise DaemonError("only a PostgreSQL store is shared by a fleet (--join)")
+    from secretfs.store.postgres import record_password
+
+    recorded, written = record_password(url, state.store_password_file)
+    try:
+        return open_store(recorded), recorded
+    except BaseException:
+        if written:
+            state.store_password_file.unlink(missing_ok=True)
+        raise
+
+
+def _store_setting(store, key: str, default: str) -> str:
+    with store.read() as reader:
+        return reader.meta(key) or default
+
+
+def _read_key_file(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise DaemonError(f"can't read the key file to join with: {error}") from None
+
+
+def _install_key_file(content: bytes, state: StateDir, *, region: str, account_id: str):
+    """This host's copy of the fleet's key file, checked to open before it is kept.
+    A key file sealed by a systemd credential is kept as it is; the daemon opens it."""
+    from secretfs.crypto import LocalKeyProvider
+    from secretfs.files import write_new_file
+
+    write_new_file(state.keys, content)
+    try:
+        if b'"SealedBy"' in content:
+            json.loads(content)
+            return None
+        return LocalKeyProvider.load(state.keys, region=region, account_id=account_id)
+    except ValueError as error:
+        state.keys.unlink()
+        raise DaemonError(f"the key file to join with is unusable: {error}") from None
 
 
 def _master_key_credential() -> bytes | None:

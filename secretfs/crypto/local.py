@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from secretfs.crypto.envelope import encode_fields
-from secretfs.files import fsync_directory
+from secretfs.files import fsync_directory, write_new_file
 from secretfs.model import (
     DecryptionFailure,
     EncryptionFailure,
@@ -258,7 +258,7 @@ class LocalKeyProvider:
         provider = cls(path, [default], region=region, account_id=account_id,
                        sealer=_Sealer(default.material) if sealed else None)
         # Written in place rather than renamed over: O_EXCL is what refuses an existing file.
-        _write_new_file(path, provider._serialize())
+        write_new_file(path, provider._serialize())
         fsync_directory(path.parent)
         return provider
 
@@ -425,7 +425,7 @@ class LocalKeyProvider:
         # Write a new 0600 file beside the old one and rename it over: a crash leaves either
         # the old file or the new one, never a torn one.
         tmp = self._path.with_name(f".{self._path.name}.{secrets.token_hex(8)}.tmp")
-        _write_new_file(tmp, self._serialize(index))
+        write_new_file(tmp, self._serialize(index))
         try:
             os.replace(tmp, self._path)
         except BaseException:
@@ -484,21 +484,3 @@ def _is_key_id(text: str) -> bool:
         return str(uuid.UUID(text)) == text
     except ValueError:
         return False
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (never an existing one) as 0600 from the first instant, and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        # The umask can only narrow 0600; pin it exactly so the owner can rewrite it later.
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-

@@ -60,7 +60,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
-from secretfs.crypto.local import _write_new_file
+from secretfs.files import write_new_file
 from secretfs.store import StoreError
 from secretfs.store import sqlite as portable
 from secretfs.store.sqlite import SCHEMA_VERSION
@@ -214,7 +214,7 @@ def record_password(url: str, password_file: Path) -> tuple[str, bool]:
     escaped = password.replace("\\", "\\\\").replace(":", "\\:")
     # The file serves this one URL, so any host, port, database and user may use it:
     # a failover URL names several hosts.
-    _write_new_file(password_file, f"*:*:*:*:{escaped}\n".encode())
+    write_new_file(password_file, f"*:*:*:*:{escaped}\n".encode())
     parts = urlsplit(url)
     query = [item for item in parts.query.split("&")
              if item and unquote(item.partition("=")[0]) != "passfile"]

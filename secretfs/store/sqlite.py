@@ -152,6 +152,11 @@ class Reader:
     def __init__(self, db: sqlite3.Connection):
         self.db = db
 
+    def meta(self, key: str) -> str | None:
+        """A store-wide setting (schema_version, region, account_id)."""
+        found = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return found[0] if found else None
+
     def rows(self) -> list[SecretRow]:
         return [SecretRow(*row) for row in self.db.execute(
             "SELECT id, name, path, arn, deleted FROM secrets")]
@@ -288,6 +293,10 @@ class Reader:
 
 class Writer(Reader):
     """Mutations; only ever used inside one `store.write()` transaction."""
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def insert_secret(self, *, name: str, path: str, arn: str, description: str | None,
                       kms_key_id: str | None, created: datetime) -> int:
