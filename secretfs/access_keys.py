@@ -20,7 +20,7 @@ import secrets
 from datetime import datetime
 
 from secretfs.crypto import KeyProvider
-from secretfs.crypto.envelope import Sealed, seal, unseal
+from secretfs.crypto.envelope import Sealed, encryption_context, seal, unseal
 from secretfs.identity import Caller
 from secretfs.model import InvalidParameterException, ResourceNotFoundException
 from secretfs.store import SealedValue
@@ -38,6 +38,11 @@ def new_pair() -> tuple[str, str]:
 def _context(access_key_id: str) -> dict:
     # The sealing context: the secret half opens only under its own key id.
     return {"arn": f"secretfs:access-key:{access_key_id}", "version_id": access_key_id}
+
+
+def wrapping_context(access_key_id: str) -> dict[str, str]:
+    """The encryption context an access key's data key is wrapped under."""
+    return encryption_context(**_context(access_key_id))
 
 
 def check_principal(principal) -> str:
@@ -77,8 +82,10 @@ class AccessKeys:
         principal = check_principal(principal)
         key_id, secret = new_pair()
         master = self.keys.resolve(None)
-        sealed = seal(self.keys, master, secret.encode(), **_context(key_id))
         with self.store.write() as writer:
+            # Sealed inside the write, as versions are: retiring an old master-key
+            # version (secretfs/rekey.py) checks in a write that nothing still uses it.
+            sealed = seal(self.keys, master, secret.encode(), **_context(key_id))
             writer.put_access_key(key_id, principal, SealedValue(
                 sealed.ciphertext, sealed.wrapped_key, sealed.key_id, False), now)
         return {"AccessKeyId": key_id, "SecretAccessKey": secret, "Principal": principal,

@@ -36,14 +36,12 @@ import argparse
 import base64
 import contextlib
 import fcntl
-import getpass
 import hashlib
 import io
 import json
 import os
 import shutil
 import sqlite3
-import sys
 import tarfile
 import tempfile
 import time
@@ -53,9 +51,16 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from secretfs.crypto.envelope import encode_fields
+from secretfs.crypto.local import SEALED_BY_CREDENTIAL
+from secretfs.crypto.passphrase import (
+    SCRYPT,
+    PassphraseError,
+    derive_key,
+    new_kdf,
+    read_passphrase,
+)
 from secretfs.files import fsync_directory
 from secretfs.state import StateDir
 
@@ -63,11 +68,12 @@ FORMAT, FORMAT_VERSION = "secretfs-backup", 1
 MANIFEST, DATABASE = "manifest.json", "secrets.db"
 # scrypt at 128 MiB and about half a second: what one restore costs, and what each
 # guess at the passphrase costs an attacker holding the file.
-_KDF = {"Name": "scrypt", "N": 2 ** 17, "R": 8, "P": 1}
+_KDF = SCRYPT
 _AAD_TAG = "secretfs/backup/v1"
-_SALT_SIZE, _NONCE_SIZE = 16, 12
-MIN_PASSPHRASE = 8
+_NONCE_SIZE = 12
 _COPY_CHUNK = 1 << 20
+# Snapshots taken again when the key file changed meanwhile (see create_backup).
+_KEY_FILE_ATTEMPTS = 3
 
 
 class BackupError(Exception):
@@ -88,10 +94,18 @@ def create_backup(state_dir: Path, out: Path, passphrase: bytes) -> dict:
     work = Path(tempfile.mkdtemp(prefix=".secretfs-backup-", dir=out.parent))
     try:
         snapshot = work / DATABASE
-        counts = _snapshot(_sqlite_database(state, config), snapshot)
-        # Read after the snapshot: master keys are only ever added, so this key file
-        # holds every key the snapshot's values were sealed under.
-        keys = _read(state.keys)
+        # The key file must hold every key version the snapshot's data keys name: one
+        # read before the snapshot and found unchanged after it does. A change between
+        # (a rotate-key adds a version, a retire drops one) takes the snapshot again.
+        for _ in range(_KEY_FILE_ATTEMPTS):
+            keys = _read(state.keys)
+            counts = _snapshot(_sqlite_database(state, config), snapshot)
+            if _read(state.keys) == keys:
+                break
+            snapshot.unlink()
+        else:
+            raise BackupError(f"{state.keys} kept changing during the backup (master keys "
+                              "being rotated?): run it again")
         manifest = {
             "Format": FORMAT, "Version": FORMAT_VERSION,
             "Created": datetime.now(UTC).isoformat(), "StateDir": str(state.root),
@@ -149,7 +163,7 @@ def _check_integrity(connection: sqlite3.Connection, where: Path) -> None:
 
 def _sealed_by_credential(keys: bytes) -> bool:
     try:
-        return bool(json.loads(keys).get("SealedBy"))
+        return json.loads(keys).get("SealedBy") == SEALED_BY_CREDENTIAL
     except (ValueError, AttributeError):
         raise BackupError("keys.json is not a key file (not a JSON object)") from None
 
@@ -159,18 +173,17 @@ def _associated_data(manifest: dict) -> bytes:
     return encode_fields(_AAD_TAG, json.dumps(rest, sort_keys=True, separators=(",", ":")))
 
 
-def _derive(passphrase: bytes, salt: bytes, kdf: dict) -> AESGCM:
-    if kdf.get("Name") != "scrypt":
-        raise BackupError(f"unknown key derivation {kdf.get('Name')!r}")
-    key = Scrypt(salt=salt, length=32, n=kdf["N"], r=kdf["R"], p=kdf["P"]).derive(passphrase)
-    return AESGCM(key)
+def _derive(passphrase: bytes, kdf: object) -> AESGCM:
+    try:
+        return AESGCM(derive_key(passphrase, kdf))
+    except PassphraseError as error:
+        raise BackupError(f"the backup's sealed keys: {error}") from None
 
 
 def _seal_keys(keys: bytes, passphrase: bytes, manifest: dict) -> dict:
-    salt, nonce = os.urandom(_SALT_SIZE), os.urandom(_NONCE_SIZE)
-    sealed = _derive(passphrase, salt, _KDF).encrypt(nonce, keys, _associated_data(manifest))
-    return {"Kdf": {**_KDF, "Salt": _b64(salt)}, "Nonce": _b64(nonce),
-            "Ciphertext": _b64(sealed)}
+    kdf, nonce = new_kdf(_KDF), os.urandom(_NONCE_SIZE)
+    sealed = _derive(passphrase, kdf).encrypt(nonce, keys, _associated_data(manifest))
+    return {"Kdf": kdf, "Nonce": _b64(nonce), "Ciphertext": _b64(sealed)}
 
 
 def _write_archive(out: Path, manifest: dict, snapshot: Path) -> None:
@@ -337,7 +350,7 @@ def _open_keys(manifest: dict, passphrase: bytes, path: Path) -> bytes:
     try:
         sealed = manifest["Keys"]
         kdf = sealed["Kdf"]
-        aead = _derive(passphrase, base64.b64decode(kdf["Salt"]), kdf)
+        aead = _derive(passphrase, kdf)
         return aead.decrypt(base64.b64decode(sealed["Nonce"]),
                             base64.b64decode(sealed["Ciphertext"]),
                             _associated_data(manifest))
@@ -413,23 +426,11 @@ def add_parsers(verbs, add_state_dir: Callable[[argparse.ArgumentParser], None])
 
 
 def _passphrase(args: argparse.Namespace, *, confirm: bool) -> bytes:
-    if args.passphrase_file:
-        source = args.passphrase_file
-        try:
-            data = (sys.stdin.buffer.read() if source == "-"
-                    else Path(source).read_bytes())
-        except OSError as error:
-            raise BackupError(f"{source}: {error.strerror or error}") from None
-        passphrase = data.split(b"\n", 1)[0].removesuffix(b"\r")
-    elif sys.stdin.isatty():
-        passphrase = getpass.getpass("Backup passphrase: ").encode()
-        if confirm and getpass.getpass("Again: ").encode() != passphrase:
-            raise BackupError("the passphrases differ")
-    else:
-        raise BackupError("give --passphrase-file (there is no terminal to ask on)")
-    if confirm and len(passphrase) < MIN_PASSPHRASE:
-        raise BackupError(f"the passphrase needs at least {MIN_PASSPHRASE} characters")
-    return passphrase
+    try:
+        return read_passphrase(args.passphrase_file, prompt="Backup passphrase: ",
+                               confirm=confirm)
+    except PassphraseError as error:
+        raise BackupError(str(error)) from None
 
 
 def _run_backup(args: argparse.Namespace) -> int:
@@ -462,7 +463,9 @@ def _run_restore(args: argparse.Namespace) -> int:
         return fail(str(error), EXIT_FAILURE)
     counts = manifest["Database"]
     credential = (" (its keys need the systemd credential secretfs-master-key)"
-                  if manifest.get("KeysSealedByCredential") else "")
+                  if manifest.get("KeysSealedByCredential") else
+                  " (its keys need the key file's passphrase, as before)"
+                  if manifest["Config"].get("KeyProvider") == "passphrase" else "")
     print(f"restored {counts['Secrets']} secrets ({counts['Versions']} versions) from "
           f"{args.backup} into {state_dir}{credential}; start it with 'secretfs mount'")
     return EXIT_OK

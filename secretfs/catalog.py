@@ -5,7 +5,10 @@ all secrets (id, name, path, ARN) is loaded at start; a secret's full snapshot
 (versions, labels, tags; never a value) is loaded on first use. The service
 calls `refresh(secret_id)` after each commit, and listeners (the filesystem)
 hear `(old, new)` for every change, outside the lock, so they may block on the
-kernel without stalling readers.
+kernel without stalling readers. A first `get` reads the store: the filesystem asks
+`cached` first and makes such a read from a worker thread, never on its loop. A
+snapshot, once loaded, stays (refresh replaces it), and refresh loads a secret's
+snapshot before indexing it, so only the secrets indexed at start are ever missing.
 """
 
 from __future__ import annotations
@@ -82,6 +85,11 @@ class Catalog:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def cached(self, secret_id: int) -> bool:
+        """Whether get(secret_id) answers from memory, without a store read: its
+        snapshot is loaded, or the catalog knows no such secret."""
+        return secret_id in self._snapshots or secret_id not in self._rows
 
     def get(self, secret_id: int) -> Secret | None:
         snapshot = self._snapshots.get(secret_id)

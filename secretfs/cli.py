@@ -7,7 +7,8 @@ derived from botocore's service model so they match the AWS CLI flag for flag, a
 `secretfs.api.client`; the audit verbs read the audit log's files directly (through
 `secretfs.audit`), so they work with the daemon stopped. Nothing here touches the
 store or the keys. `import` (secretfs.migrate) is a client of the daemon too;
-`backup` and `restore` (secretfs.backup) copy the state directory's files.
+`backup` and `restore` (secretfs.backup) copy the state directory's files;
+`rotate-key` and `re-encrypt` (secretfs.rekey) ask the daemon to rotate master keys.
 
 Exit codes follow the AWS CLI: 0 success, 252 bad usage, 254 a service error; 1 for
 local failures (no daemon, a daemon or mount error, an unreadable file://, an audit
@@ -316,10 +317,30 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     sub.add_argument("--join", action="store_true",
                      help="Another host of a fleet: --store names the fleet's existing "
                           "PostgreSQL store (its region and account id are used) and "
-                          "--keys-from a copy of the first host's key file.")
+                          "--keys-from a copy of the first host's key file (with "
+                          "--key-provider kms: no key file; the fleet's default KMS key).")
     sub.add_argument("--keys-from", metavar="FILE", type=Path,
                      help="With --join: the fleet's key file (keys.json of the host that "
                           "ran init first), copied into this state directory.")
+    sub.add_argument("--key-provider", choices=("local", "passphrase", "kms"),
+                     help="Where the master keys live: local, a key file in the state "
+                          "directory (default); passphrase, that key file with its keys "
+                          "sealed under a passphrase the daemon is given at start; kms, "
+                          "AWS KMS.")
+    sub.add_argument("--passphrase-file", metavar="FILE",
+                     help="With --key-provider passphrase: read the passphrase from this "
+                          "file's first line ('-': stdin); without it, it is asked twice "
+                          "on the terminal.")
+    sub.add_argument("--kms-key-id", metavar="ID",
+                     help="With --key-provider kms: the KMS key that protects secrets "
+                          "without a KmsKeyId of their own (key id, key ARN, alias/NAME or "
+                          "alias ARN); it must be an enabled symmetric key.")
+    sub.add_argument("--kms-endpoint-url", metavar="URL",
+                     help="With --key-provider kms: the KMS endpoint (a VPC endpoint, a "
+                          "local KMS); default: the AWS SDK's for the region.")
+    sub.add_argument("--kms-region", metavar="REGION",
+                     help="With --key-provider kms: KMS's region (default: the AWS SDK's "
+                          "configured region, else --region).")
     _add_output_options(sub)
     sub.set_defaults(run=_run_init)
 
@@ -368,6 +389,10 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     _add_state_dir(sub)
     sub.add_argument("--foreground", action="store_true",
                      help="Stay in the foreground instead of detaching.")
+    sub.add_argument("--passphrase-file", metavar="FILE",
+                     help="With the passphrase key provider: read the passphrase from this "
+                          "file's first line ('-': stdin); without it, it comes from the "
+                          "systemd credential secretfs-passphrase, else the terminal.")
     MountOptions.add_arguments(sub)
     sub.set_defaults(run=_run_mount)
 
@@ -383,10 +408,11 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
     _add_audit_verbs(verbs)
     # Verbs with modules of their own: import (migrate), backup and restore (backup),
-    # and status, refresh and wait for a running daemon (operate).
-    from secretfs import backup, migrate, operate
+    # status, refresh and wait for a running daemon (operate), and rotate-key and
+    # re-encrypt (rekey).
+    from secretfs import backup, migrate, operate, rekey
 
-    for module in (migrate, backup, operate):
+    for module in (migrate, backup, operate, rekey):
         module.add_parsers(verbs, _add_state_dir)
     return parser
 
@@ -812,10 +838,14 @@ def _run_init(args: argparse.Namespace) -> int:
     try:
         summary = daemon.init_state(state_dir, region=args.region, account_id=args.account_id,
                                     tls_hostnames=tuple(args.tls_hostnames),
-                                    **({"sealed": True} if args.master_key_from_credential
-                                       else {}),
-                                    **({"store_url": args.store} if args.store else {}),
-                                    join=args.join, keys_from=args.keys_from)
+                                    **_given(sealed=args.master_key_from_credential,
+                                             store_url=args.store, join=args.join,
+                                             keys_from=args.keys_from,
+                                             key_provider=args.key_provider,
+                                             kms_key_id=args.kms_key_id,
+                                             kms_endpoint_url=args.kms_endpoint_url,
+                                             kms_region=args.kms_region,
+                                             passphrase=_init_passphrase(args)))
     except FileExistsError:
         raise CommandError(f"{state_dir} is already initialized") from None
     except daemon.DaemonError as exc:
@@ -827,6 +857,29 @@ def _run_init(args: argparse.Namespace) -> int:
         return EXIT_OK
     sys.stdout.write(format_response(summary, output))
     return EXIT_OK
+
+
+def _init_passphrase(args: argparse.Namespace) -> bytes | None:
+    """The passphrase that seals a new key file (confirmed on a terminal), or that opens
+    the fleet's copy a joining host installs."""
+    from secretfs.crypto.passphrase import PassphraseError, read_passphrase
+
+    if args.key_provider != "passphrase":
+        if args.passphrase_file:
+            raise UsageError("secretfs init: --passphrase-file goes with --key-provider "
+                             "passphrase")
+        return None
+    try:
+        return read_passphrase(args.passphrase_file, prompt="Passphrase for the key file: ",
+                               confirm=not args.join)
+    except PassphraseError as exc:
+        raise CommandError(f"secretfs init: {exc}") from None
+
+
+def _given(**options) -> dict:
+    """The options a command line set (init passes on only those: the rest keep
+    init_state's defaults)."""
+    return {name: value for name, value in options.items() if value}
 
 
 def _write_binary(data: bytes) -> None:
@@ -841,6 +894,9 @@ def _run_export_master_key(args: argparse.Namespace) -> int:
     state = StateDir(resolve_state_dir(args.state_dir))
     try:
         config = state.read_config()
+        if config.get("KeyProvider", "local") != "local":
+            raise CommandError(f"{state.root} uses the {config['KeyProvider']} key provider: "
+                               "its master keys never leave it")
         key = export_master_key(state.keys, region=config["Region"],
                                 account_id=config["AccountId"])
     except (ValueError, KeyError) as exc:
@@ -866,7 +922,9 @@ def _run_mount(args: argparse.Namespace) -> int:
 
     try:
         daemon.mount(args.mountpoint, resolve_state_dir(args.state_dir),
-                     foreground=args.foreground, options=MountOptions.from_args(args))
+                     foreground=args.foreground, options=MountOptions.from_args(args),
+                     **({"passphrase_file": args.passphrase_file} if args.passphrase_file
+                        else {}))
     except daemon.DaemonError as exc:
         raise CommandError(str(exc)) from None
     return EXIT_OK

@@ -17,6 +17,7 @@ from pathlib import Path
 import trio
 
 from secretfs.state import StateDir
+from secretfs.store import StoreError
 
 
 class Control:
@@ -51,17 +52,23 @@ class Control:
                       "StrictNames": self.strict_names, "Endpoint": self.endpoint},
             "Store": {**self._store(), "Secrets": live,
                       "ScheduledForDeletion": len(service.catalog) - live},
-            "KeyProvider": {"Kind": "local",
-                            "Source": "systemd credential" if service.keys.sealed
-                            else "key file",
-                            "Path": str(self.state.keys),
-                            "Keys": len(service.keys.list_keys())},
-            "Rotations": service.rotation_summary(),
+            "KeyProvider": service.keys.status(),  # each provider's own (KMS: no KMS call)
+            "Rotations": self._rotations(),
             "Audit": {"Directory": str(self.audit.directory), "Queued": audit_queued,
                       "LastWriteDate": self.last_audit_write, "Failing": self.audit.failing},
             "Hooks": trio.from_thread.run_sync(self.hooks.describe, trio_token=self._token),
             "HookProblems": list(self.hooks.problems),
+            # A shared store's: how current this host is (secretfs/fleet.py).
+            **({"ChangeFeed": service.feed.describe()} if service.feed is not None else {}),
         }
+
+    def _rotations(self) -> dict:
+        """The rotation index is the store's: unknown while the store is unreachable,
+        when status matters most (see "ChangeFeed")."""
+        try:
+            return self.service.rotation_summary()
+        except StoreError as error:
+            return {"Unknown": str(error)}
 
     def _store(self) -> dict:
         from secretfs.store.sqlite import SCHEMA_VERSION

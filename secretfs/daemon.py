@@ -38,9 +38,11 @@ log = logging.getLogger("secretfs")
 
 RUN_DIR = Path("/run/secretfs")
 HOUSEKEEPING_INTERVAL = 5.0
-# The FUSE handlers never await: each answers from memory (or one local SQLite
-# read and a decryption), so extra reader tasks add no concurrency, only wake-ups
-# (every idle reader wakes on each request). One task is measurably faster.
+# The FUSE handlers answer from memory and await a worker thread only for what memory
+# lacks (a first snapshot, a cold value): extra reader tasks would overlap just those
+# rare waits, and cost wake-ups on every request (every idle reader wakes on each).
+# One task is measurably faster; while it waits, the rest of the trio run (the API,
+# the change feed, the audit writer) goes on.
 FUSE_READER_TASKS = 1
 READY_TIMEOUT = 30.0
 MOUNT_OPTIONS = ("fsname=secretfs", "subtype=secretfs", "allow_other", "ro", "nosuid",
@@ -53,10 +55,15 @@ class DaemonError(Exception):
 
 # --- the state directory ---------------------------------------------------------------
 
+KEY_PROVIDERS = ("local", "passphrase", "kms")
+
+
 def init_state(state_dir: Path, *, region: str, account_id: str,
                tls_hostnames: tuple[str, ...] = (), sealed: bool = False,
                store_url: str | None = None, join: bool = False,
-               keys_from: Path | None = None) -> dict:
+               keys_from: Path | None = None, key_provider: str = "local",
+               kms_key_id: str | None = None, kms_endpoint_url: str | None = None,
+               kms_region: str | None = None, passphrase: bytes | None = None) -> dict:
     """Create the SQLite store and the local master key file (both 0600, root's), and
     the HTTPS endpoint's local CA and server certificate (also naming `tls_hostnames`).
     `sealed`: the key file never holds the master key; the summary's "MasterKey" is the
@@ -65,7 +72,13 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
     config.json without its password.
     `join`: another host of a fleet: the store at `store_url` exists already; its region
     and account id are this host's, and the master keys are a copy of the first host's
-    key file, `keys_from`."""
+    key file, `keys_from`.
+    `key_provider` "kms": no key file; master keys are AWS KMS keys, `kms_key_id` the
+    default one (a joining host may leave it to the store's), reached at
+    `kms_endpoint_url` in `kms_region` (else the usual AWS chain's). The key must be
+    usable now: nothing is created otherwise.
+    `key_provider` "passphrase": the key file's material is sealed under `passphrase`
+    (a joining host's copy of the fleet's key file must open with it)."""
     from secretfs import tls
     from secretfs.crypto import LocalKeyProvider
     from secretfs.store import StoreError, create_store, store_kind
@@ -77,15 +90,27 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
         tls.subject_alternative_names(tls_hostnames)  # refused before anything is created
     except ValueError as error:
         raise DaemonError(f"invalid TLS host name: {error}") from None
-    if join and (store_url is None or keys_from is None):
+    kms = _kms_settings(key_provider, kms_key_id=kms_key_id, endpoint_url=kms_endpoint_url,
+                        region=kms_region, sealed=sealed, keys_from=keys_from)
+    if (key_provider == "passphrase") != (passphrase is not None):
+        raise DaemonError("a passphrase goes with --key-provider passphrase, which needs one")
+    if passphrase is not None and sealed:
+        raise DaemonError("--master-key-from-credential is for the local key provider: with "
+                          "passphrase, the passphrase seals the key file")
+    if join and (store_url is None or (keys_from is None and kms is None)):
         raise DaemonError("joining a fleet takes the shared store's URL (--store) and a "
-                          "copy of its key file (--keys-from)")
+                          "copy of its key file (--keys-from), or --key-provider kms")
+    if kms is not None and not join:
+        if kms["KmsKeyId"] is None:
+            raise DaemonError("--key-provider kms needs --kms-key-id: the KMS key that "
+                              "protects secrets by default")
+        keys = _kms_provider(kms, region)  # refused before anything is created
     url = store_url or state.store_url({})
     try:
         kind = store_kind(url)
     except StoreError as error:
         raise DaemonError(str(error)) from None
-    key_file = _read_key_file(keys_from) if join else None
+    key_file = _read_key_file(keys_from) if join and kms is None else None
     old_umask = os.umask(0o077)
     try:
         state.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -96,36 +121,91 @@ def init_state(state_dir: Path, *, region: str, account_id: str,
                 store, recorded_url = _join_store(url, state)
                 region = _store_setting(store, "region", region)
                 account_id = _store_setting(store, "account_id", account_id)
+                _check_fleet_provider(store, key_provider, kms)
             else:
                 store, recorded_url = create_store(url, password_file=state.store_password_file)
                 with store.write() as writer:
                     writer.set_meta("region", region)
                     writer.set_meta("account_id", account_id)
+                    writer.set_meta("key_provider", key_provider)
+                    if kms is not None:
+                        writer.set_meta("kms_key_id", kms["KmsKeyId"])
         except StoreError as error:
             raise DaemonError(str(error)) from None
         finally:
             if store is not None:
                 store.close()
-        if key_file is None:
+        if kms is not None:
+            if join:
+                keys = _kms_provider(kms, region)
+        elif key_file is None:
             keys = LocalKeyProvider.create(state.keys, region=region, account_id=account_id,
-                                           sealed=sealed)
+                                           sealed=sealed, passphrase=passphrase)
         else:
-            keys = _install_key_file(key_file, state, region=region, account_id=account_id)
+            keys = _install_key_file(key_file, state, region=region, account_id=account_id,
+                                     passphrase=passphrase)
         tls.create_authority(state.tls_dir, hostnames=tls_hostnames)
         state.write_config({
             "Region": region, "AccountId": account_id, "Store": kind,
             **({"StoreUrl": recorded_url} if store_url else {}),
-            "KeyProvider": "local", "Created": datetime.now(UTC).isoformat(),
+            "KeyProvider": key_provider, **({k: v for k, v in kms.items() if v} if kms else {}),
+            "Created": datetime.now(UTC).isoformat(),
         })
     finally:
         os.umask(old_umask)
     return {"StateDir": str(state.root), "Region": region, "AccountId": account_id,
             "Store": recorded_url if store_url else str(state.database),
-            "KeyFile": str(state.keys),
+            "KeyProvider": key_provider,
+            **({"KeyFile": str(state.keys)} if kms is None else {}),
             **({"DefaultKey": keys.key_arn(keys.resolve(None))} if keys is not None else {}),
             "CaBundle": str(state.ca_certificate),
             "ServerCertificate": str(state.server_certificate),
             **({"MasterKey": keys.master_key()} if sealed else {})}
+
+
+def _kms_settings(key_provider: str, *, kms_key_id: str | None, endpoint_url: str | None,
+                  region: str | None, sealed: bool, keys_from: Path | None) -> dict | None:
+    """config.json's KMS settings for `init`, None for the local provider; refuses flags
+    that belong to the other provider."""
+    if key_provider not in KEY_PROVIDERS:
+        raise DaemonError(f"unknown key provider {key_provider!r}: choose "
+                          f"{' or '.join(KEY_PROVIDERS)}")
+    if key_provider != "kms":
+        if kms_key_id or endpoint_url or region:
+            raise DaemonError("--kms-key-id, --kms-endpoint-url and --kms-region go with "
+                              "--key-provider kms")
+        return None
+    if sealed or keys_from is not None:
+        raise DaemonError("--master-key-from-credential and --keys-from are for the local "
+                          "key provider: with kms, KMS keeps the master keys")
+    return {"KmsKeyId": kms_key_id, "KmsEndpointUrl": endpoint_url, "KmsRegion": region}
+
+
+def _check_fleet_provider(store, key_provider: str, kms: dict | None) -> None:
+    """A joining host uses the fleet's key provider, and its default KMS key unless told."""
+    used = _store_setting(store, "key_provider", "local")
+    if used != key_provider:
+        raise DaemonError(f"the fleet's store is sealed by the {used} key provider: join "
+                          f"with --key-provider {used}")
+    if kms is not None and kms["KmsKeyId"] is None:
+        kms["KmsKeyId"] = _store_setting(store, "kms_key_id", None)
+        if kms["KmsKeyId"] is None:
+            raise DaemonError("the fleet's store names no default KMS key: give --kms-key-id")
+
+
+def _kms_provider(settings: dict, region: str):
+    """The KMS provider `init` records, its default key checked usable. The KMS region
+    recorded is the one used: the flag's, else the AWS chain's, else secretfs's."""
+    from secretfs.crypto.kms import chain_region
+    from secretfs.model import SecretsManagerError
+
+    settings["KmsRegion"] = settings.get("KmsRegion") or chain_region() or region
+    keys = _kms_keys(settings)
+    try:
+        keys.resolve(None)
+    except SecretsManagerError as error:
+        raise DaemonError(f"KMS key {settings['KmsKeyId']}: {error.message}") from None
+    return keys
 
 
 def _join_store(url: str, state: StateDir):
@@ -158,7 +238,8 @@ def _read_key_file(path: Path) -> bytes:
         raise DaemonError(f"can't read the key file to join with: {error}") from None
 
 
-def _install_key_file(content: bytes, state: StateDir, *, region: str, account_id: str):
+def _install_key_file(content: bytes, state: StateDir, *, region: str, account_id: str,
+                      passphrase: bytes | None = None):
     """This host's copy of the fleet's key file, checked to open before it is kept.
     A key file sealed by a systemd credential is kept as it is; the daemon opens it."""
     from secretfs.crypto import LocalKeyProvider
@@ -166,10 +247,11 @@ def _install_key_file(content: bytes, state: StateDir, *, region: str, account_i
 
     write_new_file(state.keys, content)
     try:
-        if b'"SealedBy"' in content:
+        if b'"SealedBy"' in content and passphrase is None:
             json.loads(content)
             return None
-        return LocalKeyProvider.load(state.keys, region=region, account_id=account_id)
+        return LocalKeyProvider.load(state.keys, region=region, account_id=account_id,
+                                     passphrase=passphrase)
     except ValueError as error:
         state.keys.unlink()
         raise DaemonError(f"the key file to join with is unusable: {error}") from None
@@ -188,26 +270,148 @@ def _master_key_credential() -> bytes | None:
         raise DaemonError(f"can't read the master key credential: {error}") from None
 
 
-def open_service(state: StateDir, *, audit=None):
-    from secretfs.crypto import LocalKeyProvider
+def key_provider(config: dict, state: StateDir, *, passphrase: bytes | None = None):
+    """The key provider config.json names ("KeyProvider"; "local" when absent).
+    "passphrase" is the local provider with its key file sealed under `passphrase`
+    (else the systemd credential secretfs-passphrase's)."""
+    kind = config.get("KeyProvider", "local")
+    if kind in ("local", "passphrase"):
+        from secretfs.crypto import LocalKeyProvider
+
+        if kind == "passphrase" and passphrase is None:
+            passphrase = daemon_passphrase(state, ask=False)
+        try:
+            keys = LocalKeyProvider.load(state.keys, region=config["Region"],
+                                         account_id=config["AccountId"],
+                                         credential=_master_key_credential()
+                                         if kind == "local" else None,
+                                         passphrase=passphrase if kind == "passphrase"
+                                         else None)
+        except ValueError as error:
+            raise DaemonError(str(error)) from None
+        if keys.sealed:
+            log.info("%s holds its key material sealed; opened with the %s", state.keys,
+                     keys.status()["Source"])
+        return keys
+    if kind == "kms":
+        return _kms_keys(config)
+    raise DaemonError(f"{state.config}: unknown KeyProvider {kind!r} (expected "
+                      f"{' or '.join(KEY_PROVIDERS)})")
+
+
+def _kms_keys(config: dict):
+    """The KMS provider config.json's KmsKeyId, KmsEndpointUrl and KmsRegion describe."""
+    from secretfs.crypto.kms import KmsKeyProvider
+
+    try:
+        return KmsKeyProvider(default_key=config.get("KmsKeyId"),
+                              endpoint_url=config.get("KmsEndpointUrl"),
+                              region=config.get("KmsRegion"))
+    except ValueError as error:
+        raise DaemonError(f"the KMS key provider: {error}") from None
+
+
+# Wrapped keys tried per master key at start, newest first; the first that unwraps
+# proves the key. More than one, so that one altered row (which must cost only its own
+# value, see the README) can't keep the whole mount from starting.
+KEY_CHECK_SAMPLES = 3
+
+
+def check_key_material(store, keys) -> None:
+    """At start: the default master key, and every master key the store's versions and
+    access keys are wrapped under, must be usable. A key is proven by unwrapping one of
+    the data keys last wrapped under it; a key the provider doesn't know, can't use, or
+    can't open any of those with fails the start naming the key: a host with another
+    state directory's key file, a fleet host joined with the wrong one, a KMS key
+    disabled or out of reach. KMS unreachable fails here too: with KMS, every value a
+    fresh daemon could serve needs it (see the README)."""
+    from secretfs.access_keys import wrapping_context
+    from secretfs.crypto.envelope import encryption_context
+    from secretfs.model import DecryptionFailure, SecretsManagerError
+    from secretfs.store import StoreError
+
+    try:
+        with store.read() as reader:
+            samples = [(key_id, encryption_context(arn, version_id), wrapped)
+                       for key_id, arn, version_id, wrapped
+                       in reader.version_key_samples(KEY_CHECK_SAMPLES)]
+            samples += [(key_id, wrapping_context(access_key_id), wrapped)
+                        for key_id, access_key_id, wrapped
+                        in reader.access_key_samples(KEY_CHECK_SAMPLES)]
+    except StoreError as error:
+        raise DaemonError(str(error)) from None
+    by_key: dict[str, list[tuple[dict, bytes]]] = {}
+    for key_id, context, wrapped in samples:
+        by_key.setdefault(key_id, []).append((context, wrapped))
+    key_ref = getattr(keys, "default_key", None) or "default"
+    try:
+        keys.resolve(None)
+        for key_ref, wrapped_keys in by_key.items():
+            keys.resolve(key_ref)
+            failure = None
+            for context, wrapped in wrapped_keys:
+                try:
+                    data_key = keys.unwrap(key_ref, wrapped, context)
+                except DecryptionFailure as error:  # this row, or the key: try another
+                    failure = failure or error
+                    continue
+                if isinstance(data_key, bytearray):
+                    data_key[:] = bytes(len(data_key))
+                break
+            else:
+                raise failure
+    except SecretsManagerError as error:
+        raise DaemonError(f"key {key_ref}: {error.message} (wrong key file? missing KMS "
+                          "permission?)") from None
+
+
+def daemon_passphrase(state: StateDir, passphrase_file: str | None = None, *,
+                      ask: bool = True) -> bytes | None:
+    """The passphrase that opens the key file of a state directory whose KeyProvider is
+    "passphrase" (None for the others): from `passphrase_file`, else the systemd
+    credential secretfs-passphrase, else (with `ask`) the terminal. Asked before the
+    daemon detaches, which then gets it through an inherited pipe, never argv."""
+    from secretfs.crypto.passphrase import PassphraseError, read_passphrase
+
+    try:
+        kind = state.read_config().get("KeyProvider", "local")
+    except (OSError, ValueError) as error:
+        raise DaemonError(str(error)) from None
+    if kind != "passphrase":
+        if passphrase_file:
+            raise DaemonError(f"--passphrase-file is for the passphrase key provider; "
+                              f"{state.root} uses {kind}")
+        return None
+    try:
+        if not ask and not passphrase_file:
+            from secretfs.crypto.passphrase import CREDENTIAL_NAME, credential_path
+
+            if credential_path(CREDENTIAL_NAME) is None:
+                raise PassphraseError(f"give it as the systemd credential {CREDENTIAL_NAME}")
+        return read_passphrase(passphrase_file, prompt=f"Passphrase of {state.keys}: ",
+                               confirm=False, credential=True)
+    except PassphraseError as error:
+        raise DaemonError(f"key file {state.keys} is sealed under a passphrase: "
+                          f"{error}") from None
+
+
+def open_service(state: StateDir, *, audit=None, passphrase: bytes | None = None):
     from secretfs.policy import Authorizer
     from secretfs.service import SecretsManagerService
     from secretfs.store import StoreError, open_store
 
     config = state.read_config()
     region, account_id = config["Region"], config["AccountId"]
-    credential = _master_key_credential()
-    try:
-        keys = LocalKeyProvider.load(state.keys, region=region, account_id=account_id,
-                                     credential=credential)
-    except ValueError as error:
-        raise DaemonError(str(error)) from None
-    if keys.sealed:
-        log.info("master key from the systemd credential; %s holds it only sealed", state.keys)
+    keys = key_provider(config, state, passphrase=passphrase)
     try:
         store = open_store(state.store_url(config))
     except StoreError as error:
         raise DaemonError(str(error)) from None
+    try:
+        check_key_material(store, keys)
+    except BaseException:
+        store.close()
+        raise
     return SecretsManagerService(store, keys, region=region, account_id=account_id,
                                  authorizer=Authorizer(audit=audit))
 
@@ -332,12 +536,14 @@ def _registry_file(mountpoint: Path) -> Path:
 # --- serving ---------------------------------------------------------------------------
 
 async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
-                options: MountOptions = DEFAULT_OPTIONS) -> None:
+                options: MountOptions = DEFAULT_OPTIONS,
+                passphrase: bytes | None = None) -> None:
     import pyfuse3
 
     from secretfs.api.server import serve_network, serve_unix
     from secretfs.audit import AuditError, AuditLog
     from secretfs.control import Control
+    from secretfs.fleet import change_feed
     from secretfs.fs.ops import SecretsOperations
     from secretfs.hooks import HookManager
     from secretfs.rotation.rotators import rotator_for
@@ -356,12 +562,14 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
         options = options.with_config(state.read_config())
         if options.lock_memory:  # before any key or secret is in memory
             lock_memory()
-        service = open_service(state, audit=audit)
+        service = open_service(state, audit=audit, passphrase=passphrase)
         endpoint, ssl_context = _endpoint(state, options)
         try:
             metrics_endpoint = options.metrics_endpoint()
+            max_staleness = options.staleness_bound()
         except OptionsError as error:
             raise DaemonError(str(error)) from None
+        service.feed = change_feed(service, max_staleness=max_staleness)
         _prepare_mountpoint(mountpoint)
         operations = SecretsOperations(service, strict_names=options.strict_names)
         # Computed before the mount exists: touching the mountpoint between
@@ -383,6 +591,8 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
 
                 nursery.start_soon(run_fuse)
                 await nursery.start(audit.run)
+                if service.feed is not None:
+                    await nursery.start(service.feed.run)
                 limiter = trio.CapacityLimiter(8)
                 await nursery.start(functools.partial(
                     serve_unix, service, state.socket, limiter=limiter,
@@ -427,6 +637,8 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
                 registry.unlink()
             with contextlib.suppress(OSError):
                 state.socket.unlink()
+            # A re-encryption stops after its batch; run again, it resumes.
+            await trio.to_thread.run_sync(service.rekeying.stop)
             try:
                 await trio.to_thread.run_sync(service.flush_accesses)
             except Exception:
@@ -500,13 +712,21 @@ async def _stop_on_signal(pyfuse3) -> None:
 
 async def _housekeeping(service) -> None:
     """Record access dates and purge secrets whose recovery window has ended."""
+    from secretfs.store import StoreError
+
+    failing = False
     while True:
         try:
             await trio.to_thread.run_sync(service.flush_accesses)
-            due = service.next_deletion()
+            due = await trio.to_thread.run_sync(service.next_deletion)
             if due is not None and due <= service.now():
                 purged = await trio.to_thread.run_sync(service.purge_expired)
                 log.info("purged %d secrets past their recovery window", purged)
+            failing = False
+        except StoreError as error:  # the store's own line (unreachable, full): once
+            if not failing:
+                log.warning("housekeeping: %s; retrying", error)
+            failing = True
         except Exception:
             log.exception("housekeeping failed; retrying")
         await trio.sleep(HOUSEKEEPING_INTERVAL)
@@ -532,7 +752,7 @@ def _configure_logging(options: MountOptions, state: StateDir) -> None:
 
 def run_foreground(mountpoint: Path, state: StateDir, *,
                    options: MountOptions = DEFAULT_OPTIONS,
-                   ready_fd: int | None = None) -> None:
+                   ready_fd: int | None = None, passphrase: bytes | None = None) -> None:
     """Serve until unmounted; report readiness on `ready_fd` and to systemd."""
     _configure_logging(options, state)
     harden_process()
@@ -544,7 +764,8 @@ def run_foreground(mountpoint: Path, state: StateDir, *,
             os.close(ready_fd)
 
     try:
-        trio.run(functools.partial(serve, mountpoint, state, ready=ready, options=options))
+        trio.run(functools.partial(serve, mountpoint, state, ready=ready, options=options,
+                                   passphrase=passphrase))
     except Exception as error:
         while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
             error = error.exceptions[0]
@@ -557,24 +778,37 @@ def run_foreground(mountpoint: Path, state: StateDir, *,
 
 
 def mount(mountpoint: Path, state_dir: Path, *, foreground: bool,
-          options: MountOptions = DEFAULT_OPTIONS) -> None:
+          options: MountOptions = DEFAULT_OPTIONS, passphrase_file: str | None = None) -> None:
     state = StateDir(Path(state_dir))
     if not state.exists():
         raise DaemonError(f"{state.root} is not a secretfs state directory (run 'secretfs init')")
     mountpoint = Path(mountpoint)
+    passphrase = daemon_passphrase(state, passphrase_file)
     if foreground:
-        run_foreground(mountpoint, state, options=options)
+        run_foreground(mountpoint, state, options=options, passphrase=passphrase)
         return
     read_end, write_end = os.pipe()
-    with open(state.log, "ab") as log_file:
-        os.chmod(state.log, 0o600)
-        child = subprocess.Popen(
-            [sys.executable, "-m", "secretfs.daemon", "--mountpoint", str(mountpoint),
-             "--state-dir", str(state.root), "--ready-fd", str(write_end),
-             *options.argv()],
-            pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            start_new_session=True)
-    os.close(write_end)
+    inherited, passphrase_args = [write_end], []
+    if passphrase is not None:
+        # The child reads it from a pipe it inherits: argv and the environment are
+        # readable in /proc. It fits the pipe's buffer, so this write never blocks.
+        passphrase_read, passphrase_write = os.pipe()
+        os.write(passphrase_write, passphrase)
+        os.close(passphrase_write)
+        inherited.append(passphrase_read)
+        passphrase_args = ["--passphrase-fd", str(passphrase_read)]
+    try:
+        with open(state.log, "ab") as log_file:
+            os.chmod(state.log, 0o600)
+            child = subprocess.Popen(
+                [sys.executable, "-m", "secretfs.daemon", "--mountpoint", str(mountpoint),
+                 "--state-dir", str(state.root), "--ready-fd", str(write_end),
+                 *passphrase_args, *options.argv()],
+                pass_fds=inherited, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=log_file, start_new_session=True)
+    finally:
+        for fd in inherited:
+            os.close(fd)
     with os.fdopen(read_end, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
     if line == "READY":
@@ -648,11 +882,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mountpoint", required=True, type=Path)
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--ready-fd", type=int)
+    parser.add_argument("--passphrase-fd", type=int,
+                        help="Read the key file's passphrase from this inherited pipe.")
     MountOptions.add_arguments(parser)
     args = parser.parse_args(argv)
+    passphrase = None
+    if args.passphrase_fd is not None:
+        with os.fdopen(args.passphrase_fd, "rb") as pipe:
+            passphrase = pipe.read()
     try:
         run_foreground(args.mountpoint, StateDir(args.state_dir),
-                       options=MountOptions.from_args(args), ready_fd=args.ready_fd)
+                       options=MountOptions.from_args(args), ready_fd=args.ready_fd,
+                       passphrase=passphrase)
     except DaemonError as error:
         log.error("%s", error)
         return 1

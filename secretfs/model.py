@@ -108,6 +108,13 @@ class EncryptionFailure(SecretsManagerError):
     code, status, errno = "EncryptionFailure", 400, errno.EIO
 
 
+class KMSInvalidStateException(SecretsManagerError):
+    """The KMS key that protects the secret is not in a state that allows its use
+    (disabled, pending deletion, unavailable)."""
+
+    code, status, errno = "KMSInvalidStateException", 400, errno.EIO
+
+
 class AccessDeniedException(SecretsManagerError):
     """You don't have permission to perform this action."""
 
@@ -153,8 +160,9 @@ ERRORS_BY_CODE = {
     for cls in (
         ResourceNotFoundException, ResourceExistsException, InvalidParameterException,
         InvalidRequestException, InvalidNextTokenException, LimitExceededException,
-        DecryptionFailure, EncryptionFailure, AccessDeniedException, ValidationException,
-        SerializationException, UnknownOperationException, InternalServiceError,
+        DecryptionFailure, EncryptionFailure, KMSInvalidStateException, AccessDeniedException,
+        ValidationException, SerializationException, UnknownOperationException,
+        InternalServiceError,
     )
 }
 

@@ -8,7 +8,8 @@ take). The source is the state directory. The helper starts the daemon detached,
 `secretfs mount` does, and returns once the mount is up; `umount /secrets` ends it.
 
 Options map to `secretfs mount` flags (`strict_names`, `lock_memory`, `debug`,
-`plain_http`, `listen=HOST:PORT`, `tls_cert=PEM`, `tls_key=PEM`; `-` or `_` alike).
+`plain_http`, `listen=HOST:PORT`, `tls_cert=PEM`, `tls_key=PEM`,
+`max_staleness=SECONDS`; `-` or `_` alike).
 Generic options meant for mount(8), systemd or other tools (`rw`, `defaults`,
 `nofail`, `_netdev`, `x-systemd.*`, `comment=`...) are ignored: the mount is always
 ro, nosuid, nodev, noexec and allow_other. Any other option is refused, unless
@@ -27,7 +28,8 @@ EXIT_USAGE, EXIT_FAILURE = 1, 32  # mount(8)'s codes: incorrect invocation, moun
 
 _FLAGS = {"strict_names", "lock_memory", "debug", "plain_http", "metrics_allow_remote"}
 _VALUES = {"listen": "listen", "tls_cert": "tls_certificate", "tls_key": "tls_key",
-           "metrics_listen": "metrics_listen", "log_format": "log_format"}
+           "metrics_listen": "metrics_listen", "log_format": "log_format",
+           "max_staleness": "max_staleness"}
 # What fstab lines carry for mount(8), systemd or the kernel, and the daemon decides itself.
 _IGNORED = {
     "rw", "ro", "defaults", "auto", "noauto", "user", "users", "nouser", "owner", "group",
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         source, mountpoint, text, flags = _parse_argv(argv)
         options, skipped = parse_options(text, sloppy="s" in flags)
         options.endpoint()  # a bad listen= is a usage error, before anything starts
+        options.staleness_bound()
     except OptionsError as error:
         print(f"mount.fuse.secretfs: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -164,13 +164,17 @@ def status_lines(status: dict) -> list[str]:
         + (f" ({store['ScheduledForDeletion']} scheduled for deletion)"
            if store["ScheduledForDeletion"] else "") + (f"  {writable}" if writable else ""),
         f"key provider  {keys['Kind']}: {keys['Source']} {keys['Path']}  {keys['Keys']} keys",
-        f"rotations     {rotations['Scheduled']} scheduled  {len(rotations['Due'])} due  "
-        f"{len(rotations['Failing'])} failing  next due {_when(rotations.get('NextDueDate'))}",
     ]
-    lines += [f"  due         {name}" for name in rotations["Due"]]
-    lines += [f"  failing     {failure['Name']}: {failure['Error']} (attempt "
-              f"{failure['Attempts']}, retry {_when(failure.get('RetryDate'))})"
-              for failure in rotations["Failing"]]
+    if "Unknown" in rotations:  # the store is unreachable
+        lines.append(f"rotations     unknown: {rotations['Unknown']}")
+    else:
+        lines.append(f"rotations     {rotations['Scheduled']} scheduled  "
+                     f"{len(rotations['Due'])} due  {len(rotations['Failing'])} failing  "
+                     f"next due {_when(rotations.get('NextDueDate'))}")
+        lines += [f"  due         {name}" for name in rotations["Due"]]
+        lines += [f"  failing     {failure['Name']}: {failure['Error']} (attempt "
+                  f"{failure['Attempts']}, retry {_when(failure.get('RetryDate'))})"
+                  for failure in rotations["Failing"]]
     lines.append(f"audit         {audit['Directory']}  {audit['Queued']} queued  last write "
                  f"{_when(audit.get('LastWriteDate'))}  "
                  + ("FAILING: records wait in memory" if audit["Failing"] else "ok"))
@@ -185,6 +189,14 @@ def status_lines(status: dict) -> list[str]:
                      f"{hook['Runs']} runs, {hook['Failures']} failed, {last}"
                      + ("  (running)" if hook["Running"] else ""))
     lines += [f"  refused     {problem}" for problem in status["HookProblems"]]
+    feed = status.get("ChangeFeed")
+    if feed is not None:
+        lines.append(
+            f"change feed   {feed['State']}  last resync {_when(feed.get('LastResyncDate'))}"
+            f"  max staleness {feed['MaxStalenessSeconds']:g} s  "
+            + (f"STALE since {_when(feed['StaleSinceDate'])}: secret files answer EIO"
+               if feed["Stale"] else "current")
+            + (f"  ({feed['LastError']})" if feed.get("LastError") else ""))
     return lines
 
 

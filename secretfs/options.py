@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 from dataclasses import dataclass, fields, replace
 
 
@@ -16,8 +17,8 @@ class MountOptions:
     """How a daemon serves: given to `secretfs mount`, handed on to the detached child.
     The network endpoint may also come from the state directory's config.json
     ("Listen", "TlsCertificate", "TlsKey", "PlainHttp"), and so may "LockMemory": true,
-    the metrics listener ("MetricsListen", "MetricsAllowRemote") and "LogFormat";
-    flags win."""
+    the metrics listener ("MetricsListen", "MetricsAllowRemote"), "LogFormat" and
+    "MaxStaleness"; flags win."""
 
     debug: bool = False
     strict_names: bool = False
@@ -29,6 +30,7 @@ class MountOptions:
     metrics_listen: str | None = None  # HOST:PORT of /metrics and /healthz (secretfs/metrics.py)
     metrics_allow_remote: bool = False  # metrics name secrets: loopback only, unless this
     log_format: str | None = None  # text, json or journal; None: journal under journald, else text
+    max_staleness: str | None = None  # seconds; see staleness_bound()
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +66,11 @@ class MountOptions:
             help="The daemon's log lines on stderr: text, json (one object a line) or "
                  "journal (<N> priority prefixes); default: journal when stderr is "
                  "systemd's journal, else text.")
+        parser.add_argument(
+            "--max-staleness", metavar="SECONDS",
+            help="With a shared PostgreSQL store: how long to keep serving what this host "
+                 "knows while it hears nothing from the store (default 60); past it, "
+                 "secret files answer EIO until the store is back.")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> MountOptions:
@@ -92,6 +99,8 @@ class MountOptions:
                               or config.get("MetricsAllowRemote") is True)
         if options.log_format is None and config.get("LogFormat"):
             options = replace(options, log_format=config["LogFormat"])
+        if options.max_staleness is None and config.get("MaxStaleness") is not None:
+            options = replace(options, max_staleness=str(config["MaxStaleness"]))
         if options.listen is not None or not config.get("Listen"):
             return options
         return replace(options, listen=config["Listen"],
@@ -119,6 +128,21 @@ class MountOptions:
                 f"--metrics-listen {host} is not a loopback address: metrics name secrets, "
                 "so serving them beyond this host takes --metrics-allow-remote")
         return host, port
+
+    def staleness_bound(self) -> float:
+        """--max-staleness in seconds, checked (secretfs/fleet.py says why 60 s)."""
+        from secretfs.fleet import DEFAULT_MAX_STALENESS, MIN_STALENESS
+
+        if self.max_staleness is None:
+            return DEFAULT_MAX_STALENESS
+        try:
+            seconds = float(self.max_staleness)
+        except ValueError:
+            seconds = math.nan
+        if not MIN_STALENESS <= seconds < math.inf:
+            raise OptionsError(f"--max-staleness {self.max_staleness!r}: give a number of "
+                               f"seconds, at least {MIN_STALENESS:g}")
+        return seconds
 
 
 def _host_port(flag: str, value: str, example: str) -> tuple[str, int]:

@@ -727,7 +727,7 @@ class Authorizer:
         record = decision_event(who, action, None, Decision(True, "mutation"))
         resources = {key: result[source] for key, source in (
             ("arn", "ARN"), ("name", "Name"), ("versionId", "VersionId"),
-            ("versionStage", "VersionStages")) if source in result}
+            ("versionStage", "VersionStages"), ("keyId", "KeyId")) if source in result}
         for key, source in (("versionStage", "VersionStage"), ("moveTo", "MoveToVersionId"),
                             ("removeFrom", "RemoveFromVersionId"),
                             ("principal", "Principal"), ("policyName", "PolicyName")):

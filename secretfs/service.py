@@ -47,6 +47,7 @@ from secretfs.model import (
 )
 from secretfs.passwords import random_password
 from secretfs.policy import Authorizer
+from secretfs.rekey import Rekeying
 from secretfs.rotation import rotators, schedule
 from secretfs.store import SealedValue, StoreError
 
@@ -77,11 +78,18 @@ class SecretsManagerService:
         "DeleteSecret", "RestoreSecret", "TagResource", "UntagResource", "PutResourcePolicy",
         "DeleteResourcePolicy", "CreateKey", "PutIdentityPolicy", "DeleteIdentityPolicy",
         "RotateSecret", "CancelRotateSecret", "CreateAccessKey", "DeleteAccessKey",
+        "RotateKey", "RetireKeyVersions", "ReEncrypt",
+    })
+    # Reads answered from what this host holds: refused while it may be stale.
+    CURRENT_READS = frozenset({
+        "GetSecretValue", "BatchGetSecretValue", "DescribeSecret", "ListSecrets",
+        "ListSecretVersionIds",
     })
     EXTENSION_ACTIONS = frozenset({
         "CreateKey", "ListKeys", "PutIdentityPolicy", "GetIdentityPolicy",
         "DeleteIdentityPolicy", "ListIdentityPolicies", "CreateAccessKey", "ListAccessKeys",
-        "DeleteAccessKey", "GetStatus", "Refresh",
+        "DeleteAccessKey", "GetStatus", "Refresh", "RotateKey", "RetireKeyVersions",
+        "ReEncrypt", "GetReEncryptStatus",
     })
 
     def __init__(self, store, keys: KeyProvider, *, region: str, account_id: str,
@@ -106,9 +114,13 @@ class SecretsManagerService:
         # Rotation steps in progress, by the RotationToken handed to their rotator.
         self.sessions = Sessions()
         self.access_keys = AccessKeys(store, keys)
+        # Master-key rotation and the re-encryption of stored data keys (secretfs/rekey.py).
+        self.rekeying = Rekeying(store, keys, on_moved=self._rekeyed)
         self.policy_generation = 0
         # The daemon's side of `secretfs status` and `refresh` (secretfs/control.py).
         self.control = None
+        # The change feed of a store other hosts write too (secretfs/fleet.py).
+        self.feed = None
         self._load_policies()
 
     # --- dispatch ---------------------------------------------------------------
@@ -117,6 +129,8 @@ class SecretsManagerService:
         if action not in self.AWS_ACTIONS and action not in self.EXTENSION_ACTIONS:
             raise model.UnknownOperationException(f"Unknown action {action!r}.")
         method = getattr(self, _snake(action))
+        if action in self.CURRENT_READS:
+            self._require_current()
         if action == "PutSecretValue" and params.get("RotationToken") is not None:
             caller = self._rotation_caller(params["RotationToken"])
         try:
@@ -215,6 +229,19 @@ class SecretsManagerService:
                       binary=is_binary)
         return SealedValue(sealed.ciphertext, sealed.wrapped_key, sealed.key_id, is_binary)
 
+    def _seal_ahead(self, secret: Secret, version_id: str,
+                    value: tuple[bytes, bool]) -> tuple[str, str | None, SealedValue] | None:
+        """A new version's value sealed before its write transaction begins: with KMS its
+        data key is a network round trip, which must not hold the store's write lock (on
+        a shared store every host's writes wait for that lock). None for a version that
+        already holds a value (an idempotent repeat, compared inside the transaction).
+        `_add_version` uses it only if the secret's ARN and key are still the ones it was
+        sealed for."""
+        existing = secret.versions.get(version_id)
+        if existing is not None and existing.size is not None:
+            return None
+        return secret.arn, secret.kms_key_id, self._seal(secret, version_id, *value)
+
     def _decrypt(self, secret: Secret, version_id: str) -> tuple[bytes, bool] | None:
         with self.store.read() as reader:
             stored = reader.sealed_value(secret.secret_id, version_id)
@@ -310,8 +337,9 @@ class SecretsManagerService:
                 excess -= 1
 
     def _add_version(self, writer, secret: Secret, token: str | None, value: tuple[bytes, bool],
-                     stages: list[str]) -> str:
-        """Create (or idempotently repeat) a version; returns its id."""
+                     stages: list[str], *, ahead=None) -> str:
+        """Create (or idempotently repeat) a version; returns its id. `ahead`: the value
+        as `_seal_ahead` sealed it outside the transaction."""
         version_id = model.validate_token(token) if token is not None else model.new_token()
         data, is_binary = value
         existing = secret.versions.get(version_id)
@@ -333,7 +361,10 @@ class SecretsManagerService:
             raise LimitExceededException(
                 f"The secret already has {len(secret.versions)} versions created in the last "
                 "24 hours; wait before adding more.")
-        sealed = self._seal(secret, version_id, data, is_binary)
+        if ahead is not None and ahead[:2] == (secret.arn, secret.kms_key_id):
+            sealed = ahead[2]
+        else:
+            sealed = self._seal(secret, version_id, data, is_binary)
         if existing is None:
             writer.insert_version(secret.secret_id, version_id, created=self.now(),
                                   sealed=sealed, is_binary=is_binary)
@@ -438,10 +469,13 @@ class SecretsManagerService:
         self._authorize(caller, "PutSecretValue", secret)
         value = self._value(SecretString, SecretBinary, required=True)
         stages = self._stages(VersionStages)
+        token = (model.validate_token(ClientRequestToken) if ClientRequestToken is not None
+                 else model.new_token())
+        ahead = self._seal_ahead(secret, token, value)
 
         def change(writer, fresh: Secret):
             self._require_live(fresh)
-            version_id = self._add_version(writer, fresh, ClientRequestToken, value, stages)
+            version_id = self._add_version(writer, fresh, token, value, stages, ahead=ahead)
             writer.update_secret(fresh.secret_id, changed=self.now())
             return version_id
 
@@ -1101,17 +1135,35 @@ class SecretsManagerService:
             when = reader.next_rotation_due()
         return None if when is None else datetime.fromtimestamp(when, UTC)
 
+    def rotation_lease(self, secret_id: int):
+        """The store's lease on a secret, a context manager giving whether this daemon
+        holds it: of the hosts sharing a store, only its holder runs the rotation."""
+        return self.store.lease(secret_id)
+
+    @staticmethod
+    def _rotation_due_at(config: dict) -> float | None:
+        """When a rotation is due, as the store's rotation index computes it: an open one
+        at once or at its retry time, else the scheduled date; None when it isn't."""
+        pending = config.get("Pending")
+        if pending is not None:
+            return pending.get("RetryAt") or 0.0
+        return config.get("NextRotationDate") if config.get("Enabled") else None
+
     def open_rotation(self, secret_id: int) -> dict | None:
         """The rotation to run for a due secret — the open one, or a new one started
         now: {"Token", "Step" (the last step done, or None), "Rotator"}. None when the
-        secret no longer rotates."""
+        secret no longer rotates or isn't due (any more). Due-ness is decided here, on
+        the fresh row inside the write: the runner's list of due secrets may be stale by
+        then, as when another host of a fleet has just finished this rotation and moved
+        NextRotationDate on, and starting one then would rotate the secret twice."""
         def change(writer, fresh: Secret):
             config = dict(fresh.rotation or {})
             if fresh.is_deleted or not config.get("RotationLambdaARN"):
                 return None
+            due = self._rotation_due_at(config)
+            if due is None or due > self.now().timestamp():
+                return None
             if not config.get("Pending"):
-                if not config.get("Enabled"):
-                    return None
                 self._start_rotation(writer, fresh, config, None)
                 config["NextRotationDate"] = None
                 writer.update_secret(fresh.secret_id, rotation=config)
@@ -1280,6 +1332,32 @@ class SecretsManagerService:
         self._authorize(caller, "ListKeys")
         return {"Keys": self.keys.list_keys()}
 
+    def rotate_key(self, caller: Caller, KeyId=None):
+        """`secretfs rotate-key`: a new version of a master key wraps new data keys."""
+        self._authorize(caller, "secretfs:RotateKey")
+        return self.rekeying.rotate(KeyId)
+
+    def retire_key_versions(self, caller: Caller, KeyId=None):
+        """`secretfs rotate-key --retire-unused`: drop old versions nothing uses."""
+        self._authorize(caller, "secretfs:RetireKeyVersions")
+        return self.rekeying.retire(KeyId)
+
+    def re_encrypt(self, caller: Caller, KeyId=None):
+        """`secretfs re-encrypt`: start moving stored data keys to their key's newest
+        version (or follow the re-encryption running); its progress."""
+        self._authorize(caller, "secretfs:ReEncrypt")
+        return self.rekeying.start(KeyId)
+
+    def get_re_encrypt_status(self, caller: Caller):
+        self._authorize(caller, "secretfs:GetReEncryptStatus")
+        return self.rekeying.status()
+
+    def _rekeyed(self, secret_ids: set[int]) -> None:
+        """Versions of these secrets moved to another master key: show their new KmsKeyIds."""
+        with self._mutation_lock:
+            for secret_id in secret_ids:
+                self.catalog.refresh(secret_id)
+
     def create_access_key(self, caller: Caller, Principal):
         """A key pair for the network endpoint, acting as a Unix user; the secret half
         is in this answer and nowhere else in the clear."""
@@ -1322,14 +1400,33 @@ class SecretsManagerService:
             raise ServiceUnavailable("No daemon serves this store.")
         return self.control
 
-    def reload(self, secret_id: int | None = None) -> list[str]:
+    def reload(self, secret_id: int | None = None, *, policies: bool = True) -> list[str]:
         """Re-read what another process committed to a shared store: the secrets (one,
-        or all) and the policies. Listeners hear each change as after a commit; returns
-        the names of the secrets that changed."""
+        or all) and, unless told not to, the policies. Listeners hear each change as
+        after a commit; returns the names of the secrets that changed."""
         with self._mutation_lock:
             changed = self.catalog.reload(secret_id)
-            self._load_policies()
+            if policies:
+                self._load_policies()
         return changed
+
+    def reload_policies(self) -> None:
+        """Re-read the policies, which another process changed."""
+        with self._mutation_lock:
+            self._load_policies()
+
+    def is_stale(self) -> bool:
+        """Whether this host may have missed other hosts' commits for longer than it
+        may serve what it knew (secretfs/fleet.py); never for a store only it writes."""
+        feed = self.feed
+        return feed is not None and feed.stale()
+
+    def _require_current(self) -> None:
+        if self.is_stale():
+            raise ServiceUnavailable(
+                f"This host has heard nothing from the shared store for over "
+                f"{self.feed.max_staleness:g} s, so what it holds may be stale; try "
+                f"another host, or again once the store is back.")
 
     def rotation_summary(self) -> dict:
         """How many secrets have a rotation scheduled or open, which are due now, and

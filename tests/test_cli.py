@@ -198,7 +198,7 @@ def test_exposed_verbs_are_exactly_the_listed_actions():
         "put-identity-policy", "get-identity-policy", "delete-identity-policy",
         "list-identity-policies", "create-access-key", "list-access-keys", "delete-access-key",
         "set-presentation",
-        "import", "backup", "restore", "status", "refresh", "wait"}
+        "import", "backup", "restore", "status", "refresh", "wait", "rotate-key", "re-encrypt"}
 
 
 @pytest.mark.parametrize("action", cli.AWS_ACTIONS)

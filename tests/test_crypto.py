@@ -280,7 +280,9 @@ def test_default_key(provider, default_key):
 
 def test_create_key_describes_the_key(provider):
     key = provider.create_key(alias="alias/app/db_1-x", description="db")
-    assert set(key) == {"KeyId", "Arn", "Aliases", "Description", "CreationDate"}
+    assert set(key) == {"KeyId", "Arn", "Aliases", "Description", "CreationDate",
+                        "KeyVersion", "PreviousKeyVersions"}
+    assert key["KeyVersion"] == 1 and key["PreviousKeyVersions"] == []
     assert key["Arn"] == f"arn:aws:kms:{REGION}:{ACCOUNT}:key/{key['KeyId']}"
     assert key["Arn"] == provider.key_arn(key["KeyId"])
     assert key["Aliases"] == ["alias/app/db_1-x"] and key["Description"] == "db"

@@ -70,6 +70,8 @@ class Rotation:
     step: str | None = None  # the last step it completed
     failed: bool = False  # its last attempt failed
     rotated: bool = False  # one has completed
+    attempts: int = 0  # failed attempts of the open rotation
+    retry_at: datetime | None = None  # after a failure: when the runner tries again
 
 
 @dataclass
@@ -460,6 +462,7 @@ class ServiceMachine(RuleBasedStateMachine):
         secret.labels[AWSPENDING] = version_id
         secret.rotation.pending, secret.rotation.step = version_id, None
         secret.rotation.failed = False
+        secret.rotation.attempts, secret.rotation.retry_at = 0, None
 
     @rule(name=st.sampled_from(NAMES))
     def cancel(self, name):
@@ -489,7 +492,8 @@ class ServiceMachine(RuleBasedStateMachine):
         secret = self.ref.secrets[name]
         rotation = secret.rotation
         plan = "nothing"
-        if secret.deleted is None and rotation is not None:
+        self.clock.advance(seconds=1)
+        if secret.deleted is None and rotation is not None and self.due(secret):
             if rotation.pending is not None:
                 plan = "resume"
             elif rotation.enabled:
@@ -499,7 +503,6 @@ class ServiceMachine(RuleBasedStateMachine):
                 except Refused:
                     plan = "nothing"  # the runner can't open it: logged, nothing changes
         known = set(secret.versions)
-        self.clock.advance(seconds=1)
         finished = trio.run(RotationRunner(self.service).rotate,
                             self.service.catalog.id_by_name(name))
         outcome = "nothing"
@@ -536,10 +539,28 @@ class ServiceMachine(RuleBasedStateMachine):
             except Refused:
                 if rotation.pending == token:
                     rotation.failed = True
+                    # The service's backoff: a minute, doubling, at most an hour.
+                    rotation.attempts += 1
+                    rotation.retry_at = self.clock() + timedelta(seconds=min(
+                        self.service.ROTATION_RETRY_MIN * 2 ** (rotation.attempts - 1),
+                        self.service.ROTATION_RETRY_MAX))
                 return "failed"
             if rotation.pending == token:
                 rotation.step, rotation.failed = step, False
+                rotation.retry_at = None
         return "finished"
+
+    def due(self, secret: Secret) -> bool:
+        """Whether the runner's turn runs this secret's rotation: an open one unless it
+        waits out a failure's backoff; else one the published schedule (DescribeSecret's
+        NextRotationDate) says is due. A runner never starts one that isn't due: in a
+        fleet, another host may have just finished it."""
+        rotation = secret.rotation
+        if rotation.pending is not None:
+            return rotation.retry_at is None or rotation.retry_at <= self.clock()
+        described = self.call("DescribeSecret", SecretId=secret.name)
+        due = described.get("NextRotationDate")
+        return due is not None and due <= self.clock()
 
     def learn_password(self, secret: Secret, token: str) -> str:
         """The value createSecret stored: a new 32-character password, in place of the

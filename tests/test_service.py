@@ -9,6 +9,8 @@ import base64
 import json
 import re
 import secrets
+import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -1187,6 +1189,10 @@ def _every_action(v1: str, v2: str) -> list[tuple[str, dict]]:
         ("DeleteAccessKey", {"AccessKeyId": "AKSF" + "A" * 16}),
         ("GetStatus", {}),
         ("Refresh", {}),
+        ("RotateKey", {}),
+        ("RetireKeyVersions", {}),
+        ("ReEncrypt", {}),
+        ("GetReEncryptStatus", {}),
     ]
 
 
@@ -1284,3 +1290,64 @@ def test_secret_values_are_json_agnostic(call):
     document = {"username": "admin", "port": 5432}
     call("CreateSecret", Name="j", SecretString=json.dumps(document))
     assert json.loads(value_of(call, "j")) == document
+
+
+# --- where a value is sealed -------------------------------------------------------------
+
+
+class _HeldKeys:
+    """The service's own key provider, whose wrapping waits until the test lets it go:
+    what a slow KMS GenerateDataKey looks like to the service."""
+
+    def __init__(self, keys):
+        self._keys = keys
+        self.wrapping = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._keys, name)
+
+    def wrap(self, *args):
+        self.wrapping.set()
+        assert self.release.wait(10)
+        return self._keys.wrap(*args)
+
+
+def test_a_new_value_is_sealed_before_the_write_transaction_begins(env):
+    """Sealing may be a KMS round trip: it must not hold the store's write lock, which
+    on a shared store every host's writes wait for."""
+    env.call("CreateSecret", Name="app/db", SecretString="one")
+    held = env.service.keys = _HeldKeys(env.service.keys)
+    put = threading.Thread(target=env.call, args=("PutSecretValue",),
+                           kwargs={"SecretId": "app/db", "SecretString": "two"})
+    put.start()
+    try:
+        assert held.wrapping.wait(10)
+        began = time.monotonic()
+        with env.service.store.write() as writer:  # another writer, meanwhile
+            writer.set_meta("probe", "written while a value was being sealed")
+        waited = time.monotonic() - began
+    finally:
+        held.release.set()
+        put.join(10)
+    assert waited < 1.0
+    assert env.call("GetSecretValue", SecretId="app/db")["SecretString"] == "two"
+
+
+def test_a_value_sealed_ahead_for_another_key_is_sealed_again(env):
+    """A secret whose KmsKeyId changed between the seal and the transaction gets its
+    value wrapped under the key it has when the version is written."""
+    env.call("CreateSecret", Name="app/db", SecretString="one")
+    other = env.call("CreateKey", Alias="alias/other")["KeyId"]
+    secret = env.service.catalog.get(env.service.catalog.id_by_name("app/db"))
+    token = model.new_token()
+    ahead = env.service._seal_ahead(secret, token, (b"two", False))
+    env.call("UpdateSecret", SecretId="app/db", KmsKeyId="alias/other")
+    fresh = env.service.catalog.get(secret.secret_id)
+    with env.service.store.write() as writer:
+        env.service._add_version(writer, fresh, token, (b"two", False), ["AWSCURRENT"],
+                                 ahead=ahead)
+    with env.service.store.read() as reader:
+        assert reader.sealed_value(secret.secret_id, token).key_id == other
+    env.service.catalog.refresh(secret.secret_id)
+    assert env.call("GetSecretValue", SecretId="app/db")["SecretString"] == "two"

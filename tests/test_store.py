@@ -1,8 +1,9 @@
 """Tier 1: the store contract, written once and run on both backends (the `backend`
 fixture: SQLite in tmp_path, and an empty PostgreSQL database in the session's
 throw-away server) — schema and migrations, the rotation index, tamper detection
-end to end, transactions that fail leaving nothing behind, and writers racing from
-two daemons. Then what each backend owes on its own: SQLite's files (WAL, modes, no
+end to end, transactions that fail leaving nothing behind, writers racing from two
+daemons, and the lease that elects one host per secret. Then what each backend owes on
+its own: SQLite's files (WAL, modes, no
 plaintext, wiped deletions), and what reaches the PostgreSQL server."""
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import json
 import secrets
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from conftest import wait_for
 
 from secretfs.crypto import LocalKeyProvider
 from secretfs.identity import SYSTEM
@@ -673,6 +678,166 @@ def test_concurrent_creates_of_one_name_from_two_daemons(env, backend):
                 "ResourceExistsException", "dict"], outcomes
             assert backend.execute("SELECT count(*) FROM secrets WHERE name = ?",
                                    (name,)) == [(1,)]
+
+
+# --- leases: the one host that acts on a secret -------------------------------------------
+
+
+def test_a_lease_is_held_for_its_block_and_given_back(env, call, store, backend):
+    """Granted while nobody holds it, for the whole block, then free again; a lease is
+    apart from the write lock both ways, and a lease on another secret is its own."""
+    with store.lease(7) as held:
+        assert held is True
+        call("CreateSecret", Name="s", SecretString="v")  # writes go on meanwhile
+        with store.lease(8) as beside:
+            assert beside is True
+        if backend.name == "postgres":
+            assert lease_holders(backend, 7) and not lease_holders(backend, 8)
+    with store.write(), store.lease(7) as again:
+        assert again is True
+    if backend.name == "postgres":
+        assert lease_holders(backend, 7) == []
+
+
+def lease_holders(backend, secret_id: int) -> list[int]:
+    """The server processes holding the secret's lease."""
+    classid, objid = postgres_store.lease_key(secret_id)
+    return [pid for (pid,) in backend.execute(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid::bigint = ? AND objid::bigint = ? AND objsubid = 2 AND database ="
+        " (SELECT oid FROM pg_database WHERE datname = current_database())",
+        (classid, objid % 2**32))]
+
+
+def free(store, secret_id: int) -> bool:
+    """Whether the lease is granted to `store` just now (and given back)."""
+    with store.lease(secret_id) as held:
+        return held
+
+
+@only_postgres
+def test_two_hosts_never_hold_one_lease_at_once(env, backend):
+    """Two stores (two hosts), two threads each, ask for one lease 200 times in all and
+    hold it a moment when granted: never two holders at once, and each host gets it."""
+    hosts = [backend.open(), backend.open()]
+    env.opened.extend(hosts)
+    lock = threading.Lock()
+    holding, most, granted = 0, 0, Counter()
+
+    def contend(store, host: int):
+        nonlocal holding, most
+        for _ in range(50):
+            with store.lease(7) as held:
+                if not held:
+                    continue
+                with lock:
+                    holding += 1
+                    most = max(most, holding)
+                    granted[host] += 1
+                time.sleep(0.001)
+                with lock:
+                    holding -= 1
+
+    with ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(contend, hosts[n % 2], n % 2) for n in range(4)]:
+            future.result()
+    assert most == 1
+    assert granted[0] and granted[1], granted
+    assert lease_holders(backend, 7) == []
+
+
+_HOLDER = """
+import sys, time
+from secretfs.store.postgres import PostgresStore
+with PostgresStore(sys.stdin.readline().strip()).lease(7) as held:
+    print(held, flush=True)
+    time.sleep(60)
+"""
+
+
+@only_postgres
+def test_a_lease_ends_when_its_holder_is_killed(env, backend):
+    """A host SIGKILLed while it holds a lease: the server ends its connection, and
+    with it the lease, which another host is then granted at once."""
+    store = backend.open()
+    env.opened.append(store)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdin.write(backend.url + "\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "True"
+        assert not free(store, 7)
+    finally:
+        holder.kill()
+        holder.wait()
+    killed = time.monotonic()
+    assert wait_for(lambda: free(store, 7), 5)
+    assert time.monotonic() - killed < 1.0
+
+
+@only_postgres
+def test_a_lease_ends_when_its_connection_is_cut(env, backend):
+    """The server ends the holder's connection while the holder lives: the lease goes
+    to another host; the holder's block still ends cleanly, and the cut connection is
+    not pooled again (its next lease is asked on a live one)."""
+    holder, other = backend.open(), backend.open()
+    env.opened.extend([holder, other])
+    with holder.lease(7) as held:
+        assert held and not free(other, 7)
+        (pid,) = lease_holders(backend, 7)
+        backend.execute("SELECT pg_terminate_backend(?)", (pid,))
+        assert wait_for(lambda: free(other, 7), 5)
+    assert free(holder, 7)
+    with holder.read() as reader:  # the pool holds no dead connection either
+        assert reader.rows() == []
+
+
+@only_postgres
+def test_a_lease_asked_on_a_dropped_pooled_connection_is_asked_anew(env, backend):
+    """The server dropped the store's idle connections (a restart, a failover): the
+    lease is asked again on a new connection, not refused."""
+    store = backend.open()
+    env.opened.append(store)
+    with store.read() as reader:
+        reader.rows()  # leaves a connection in the pool
+    (dropped,) = backend.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    assert dropped[0] >= 1
+    with store.lease(7) as held:
+        assert held and lease_holders(backend, 7)
+
+
+@only_postgres
+def test_a_lease_the_server_refuses_is_a_store_error(env, backend):
+    """No connection to be had: asking for the lease fails with a one-line StoreError
+    naming why, and leaves no lease behind."""
+    store = backend.open()
+    env.opened.append(store)
+    backend.execute(f'ALTER DATABASE "{backend.dbname}" CONNECTION LIMIT 0')
+    backend.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    try:
+        with pytest.raises(StoreError, match=r"^can't connect to the store at .*"
+                                             r"too many connections") as raised, \
+                store.lease(7):
+            pass
+    finally:
+        backend.execute(f'ALTER DATABASE "{backend.dbname}" CONNECTION LIMIT -1')
+    assert "\n" not in str(raised.value)
+    assert lease_holders(backend, 7) == []
+    assert free(store, 7)
+
+
+@only_postgres
+def test_lease_keys_fit_the_two_int_form_for_any_secret_id(env, backend):
+    """objid is an int4: ids past it wrap into its range, and are granted as any other."""
+    for secret_id in (1, 2**31 - 1, 2**31, 2**32 + 7, 2**62):
+        classid, objid = postgres_store.lease_key(secret_id)
+        assert classid == postgres_store.LEASE_CLASS and -2**31 <= objid < 2**31
+        assert free(env.service.store, secret_id)
+    assert postgres_store.lease_key(2**32 + 7) == postgres_store.lease_key(7)
 
 
 # --- SQLite: the files on disk ------------------------------------------------------------

@@ -9,10 +9,11 @@ so a row moved to another secret or version, or altered in any bit, fails to ope
 returning someone else's value.
 
 The plaintext data key lives only in a ``bytearray`` that is zeroed once the value is sealed
-or opened. That is best effort: ``os.urandom`` returns the fresh key as a ``bytes`` object
-that is freed but not wiped, OpenSSL holds its own copy of the key schedule while a cipher
-object lives, and Python may leave copies behind in memory it reuses. What matters here is
-that a data key is never persisted, logged, or put into a message.
+or opened. That is best effort: ``os.urandom`` (or a KMS client's response) returns the
+fresh key as a ``bytes`` object that is freed but not wiped, OpenSSL holds its own copy of
+the key schedule while a cipher object lives, and Python may leave copies behind in memory
+it reuses. What matters here is that a data key is never persisted, logged, or put into a
+message.
 """
 
 from __future__ import annotations
@@ -81,14 +82,28 @@ def seal(provider: KeyProvider, key_id: str, plaintext: bytes, *, arn: str,
          version_id: str, binary: bool = False) -> Sealed:
     """Encrypt one version's value under a fresh data key wrapped by ``key_id``."""
     aad = _value_aad(arn, version_id, binary)
-    data_key = bytearray(os.urandom(DATA_KEY_SIZE))
+    data_key, wrapped_key = _new_data_key(provider, key_id, encryption_context(arn, version_id))
     try:
-        wrapped_key = provider.wrap(key_id, data_key, encryption_context(arn, version_id))
         nonce = os.urandom(NONCE_SIZE)
         ciphertext = nonce + AESGCM(data_key).encrypt(nonce, plaintext, aad)
     finally:
         _zero(data_key)
     return Sealed(ciphertext=ciphertext, wrapped_key=wrapped_key, key_id=key_id)
+
+
+def _new_data_key(provider: KeyProvider, key_id: str,
+                  context: dict[str, str]) -> tuple[bytearray, bytes]:
+    """A fresh data key and its wrapped form: made where the master key lives when the
+    provider can (KMS GenerateDataKey, one round trip), else drawn here and wrapped."""
+    generate = getattr(provider, "generate_data_key", None)
+    if generate is not None:
+        return generate(key_id, context)
+    data_key = bytearray(os.urandom(DATA_KEY_SIZE))
+    try:
+        return data_key, provider.wrap(key_id, data_key, context)
+    except BaseException:
+        _zero(data_key)
+        raise
 
 
 def unseal(provider: KeyProvider, sealed: Sealed, *, arn: str, version_id: str,

@@ -91,6 +91,8 @@ class Layout:
         self.service = service
         self.catalog = service.catalog
         self._keys: OrderedDict[tuple[int, str], dict[str, bytes]] = OrderedDict()
+        # The FUSE loop and worker threads (cold reads, catalog changes) share _keys.
+        self._keys_lock = threading.Lock()
         self._key_cache_size = key_cache_size
         # Template secret id -> path: built on first use (one pass over the catalog),
         # then kept by catalog changes; replaced whole, so readers never see it change.
@@ -333,18 +335,31 @@ class Layout:
         raise NotFound
 
     def keys_of(self, secret: Secret, version_id: str) -> dict[str, bytes]:
+        """A JSON value's key files; a first call decrypts (see keys_cached)."""
         cache_key = (secret.secret_id, version_id)
-        files = self._keys.get(cache_key)
-        if files is None:
-            if version_id not in secret.versions:
-                raise NotFound
-            files = key_values(self.service.read_version(secret, version_id))
+        with self._keys_lock:
+            files = self._keys.get(cache_key)
+            if files is not None:
+                self._keys.move_to_end(cache_key)
+                return files
+        if version_id not in secret.versions:
+            raise NotFound
+        files = key_values(self.service.read_version(secret, version_id))
+        with self._keys_lock:
             self._keys[cache_key] = files
             if len(self._keys) > self._key_cache_size:
                 self._keys.popitem(last=False)
-        else:
-            self._keys.move_to_end(cache_key)
         return files
+
+    def keys_cached(self, secret_id: int, version_id: str) -> bool:
+        """Whether keys_of answers from memory, without reading and decrypting."""
+        return (secret_id, version_id) in self._keys
+
+    @property
+    def templates_known(self) -> bool:
+        """Whether template_paths answers from memory: the first call loads every
+        secret's snapshot to find the templates."""
+        return self._templates is not None
 
     def version_of(self, node: Node) -> tuple[Secret, str]:
         """The secret and version a content node belongs to (for authorization)."""
@@ -397,6 +412,7 @@ class Layout:
                 entries.append(((DIR, parent), segment))
                 path = parent
             if new is None or new.is_deleted:
-                self._keys = OrderedDict(
-                    (key, files) for key, files in self._keys.items() if key[0] != sid)
+                with self._keys_lock:
+                    self._keys = OrderedDict(
+                        (key, files) for key, files in self._keys.items() if key[0] != sid)
         return entries, moved

@@ -3,7 +3,10 @@
 Every rule lives in the service and every path decision in `layout`; this class
 turns them into FUSE replies. A handler signals failure only by raising
 `pyfuse3.FUSEError`; `_fuse_handler` maps domain errors to their errno in one
-place and answers anything unexpected with EIO after logging it.
+place and answers anything unexpected with EIO after logging it. Handlers answer from
+memory; what memory lacks (a snapshot's first load, a cold value's read and
+decryption) is read in a worker thread (`_load`, `read`), so the trio run (the API,
+the change feed, the audit writer) never waits on a store round trip.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from secretfs.fs import layout as L
 from secretfs.fs.layout import Layout, NotFound
 from secretfs.identity import FUSE, Caller
 from secretfs.model import Secret, SecretsManagerError
+from secretfs.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,8 @@ log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 60.0
 IMMUTABLE_TIMEOUT = 300.0
 
+# Nodes whose answers read a JSON value's key files.
+_KEYED = (L.VERSION_KEYS, L.KEY)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 
@@ -45,6 +51,9 @@ def _fuse_handler(method):
             raise
         except NotFound:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except StoreError as error:  # the store's own line: unreachable, corrupt, ...
+            log.error("%s failed: %s", method.__name__, error)
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except SecretsManagerError as error:
             if error.errno == errno.EIO:
                 log.error("%s failed: %s: %s", method.__name__, error.code, error.message)
@@ -145,12 +154,80 @@ class SecretsOperations(pyfuse3.Operations):
     def _caller(ctx) -> Caller:
         return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, source=FUSE)
 
+    # --- reading the store off the loop ----------------------------------------------
+
+    def _secret_id_of(self, node: L.Node) -> int | None:
+        """The secret whose snapshot answering about `node` reads, if any."""
+        kind = node[0]
+        if kind == L.DIR:
+            return self.service.catalog.live_id_at(node[1])
+        if kind == L.TEMPLATE_DIR:
+            return None
+        return node[1]
+
+    def _in_memory(self, node: L.Node) -> bool:
+        """Whether answering about `node` reads nothing from the store: the hot path's
+        only cost, a dict lookup or two."""
+        secret_id = self._secret_id_of(node)
+        if secret_id is None:
+            return True
+        if not self.service.catalog.cached(secret_id):
+            return False
+        return node[0] not in _KEYED or self.layout.keys_cached(secret_id, node[2])
+
+    async def _load(self, nodes=(), secret_ids=(), *, templates: bool = False) -> None:
+        """Read, in a worker thread, what answering about these nodes and secrets needs
+        and memory doesn't hold: snapshots the catalog loads on first use, a JSON value's
+        key files (a decryption), the template index (every snapshot). A handler that
+        waited on the store itself would stall the whole trio run."""
+        catalog = self.service.catalog
+        nodes = [node for node in nodes if not self._in_memory(node)]
+        secret_ids = [secret_id for secret_id in secret_ids if not catalog.cached(secret_id)]
+        templates = templates and not self.layout.templates_known
+        if nodes or secret_ids or templates:
+            await trio.to_thread.run_sync(self._read_store, nodes, secret_ids, templates)
+
+    def _read_store(self, nodes, secret_ids, templates: bool) -> None:
+        """_load's reads, in a worker thread. What is gone by now is left to the
+        handler, which answers ENOENT."""
+        catalog = self.service.catalog
+        for secret_id in secret_ids:
+            catalog.get(secret_id)
+        for node in nodes:
+            secret = catalog.get(self._secret_id_of(node))
+            if node[0] in _KEYED and secret is not None:
+                with contextlib.suppress(NotFound):
+                    self.layout.keys_of(secret, node[2])
+        if templates:
+            self.layout.template_paths()
+
+    async def _load_listing(self, node: L.Node) -> None:
+        """What showing a directory to a caller other than root reads: every secret
+        below it (is any visible to this caller?), or the template index."""
+        if node[0] == L.DIR:
+            await self._load(secret_ids=[secret_id for _, secret_id
+                                         in self.service.catalog.live_below(node[1])])
+        elif node[0] in (L.TEMPLATE_DIR, L.TEMPLATE):
+            await self._load(templates=True)
+
     # --- names -----------------------------------------------------------------------
 
     @_fuse_handler
     async def lookup(self, parent_inode, name, ctx=None):
-        node = self.layout.lookup(self._node(parent_inode), os.fsdecode(name))
+        parent, name = self._node(parent_inode), os.fsdecode(name)
+        if parent[0] in (L.DIR, L.TEMPLATE_DIR):
+            # A template's lookup reads the secret at the child's path, and a
+            # directory's entry shows that secret's attributes.
+            child = (L.DIR, f"{parent[1]}/{name}" if parent[1] else name)
+            if not (self._in_memory(parent) and self._in_memory(child)):
+                await self._load((parent, child))
+        elif not self._in_memory(parent):
+            await self._load((parent,))
+        node = self.layout.lookup(parent, name)
+        if not self._in_memory(node):
+            await self._load((node,))
         if self.strict_names and ctx is not None and ctx.uid != 0:
+            await self._load_listing(node)
             caller = self._caller(ctx)
             hidden = (node[0] == L.DIR and not self._visible(caller, node[1])) or (
                 node[0] in (L.TEMPLATE_DIR, L.TEMPLATE) and node != L.TEMPLATES
@@ -187,13 +264,18 @@ class SecretsOperations(pyfuse3.Operations):
 
     @_fuse_handler
     async def getattr(self, inode, ctx=None):
-        return self._entry(self._node(inode))
+        node = self._node(inode)
+        if not self._in_memory(node):
+            await self._load((node,))
+        return self._entry(node)
 
     @_fuse_handler
     async def readlink(self, inode, ctx):
         node = self._node(inode)
         if node[0] not in (L.LABEL, L.KEYLINK):
             raise pyfuse3.FUSEError(errno.EINVAL)
+        if not self._in_memory(node):
+            await self._load((node,))
         return os.fsencode(self.layout.readlink(node))
 
     async def forget(self, inode_list):
@@ -207,6 +289,9 @@ class SecretsOperations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         node = self._node(inode)
         caller = self._caller(ctx)
+        await self._load((node,), templates=node == L.ROOT or node[0] == L.TEMPLATE_DIR)
+        if not caller.is_root:
+            await self._load_listing(node)
         if node[0] == L.VERSION_KEYS:
             # A JSON value's key names are content: listing them is a read.
             secret, version_id = self.layout.version_of(node)
@@ -220,6 +305,7 @@ class SecretsOperations(pyfuse3.Operations):
             entries = self._visible_entries(caller, node[1], entries)
         elif node[0] == L.TEMPLATE_DIR and not caller.is_root:
             entries = self._visible_template_entries(caller, entries)
+        await self._load([entry for _, entry in entries])  # what readdir will show
         handle = next(self._handle_counter)
         self._dirs[handle] = entries
         return handle
@@ -273,10 +359,16 @@ class SecretsOperations(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self._node(inode)
+        if node[0] not in (L.VERSION, L.KEY, L.TEMPLATE):
+            raise pyfuse3.FUSEError(errno.EISDIR if node[0] != L.LABEL else errno.ELOOP)
+        if self.service.is_stale():
+            # Cut off from a shared store past --max-staleness: what this host holds may
+            # be another host's old value (the change feed logged why, once).
+            raise pyfuse3.FUSEError(errno.EIO)
+        if not self._in_memory(node):
+            await self._load((node,))
         if node[0] == L.TEMPLATE:
             return await self._open_template(node, self._caller(ctx))
-        if node[0] not in (L.VERSION, L.KEY):
-            raise pyfuse3.FUSEError(errno.EISDIR if node[0] != L.LABEL else errno.ELOOP)
         secret, version_id = self.layout.version_of(node)
         self.service.authorize_read(self._caller(ctx), secret, version_id)
         self.service.record_access(secret, version_id)
@@ -304,7 +396,9 @@ class SecretsOperations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         handle = self._files[fh]
         if handle.data is None:
-            handle.data = self.layout.content(handle.node)
+            # A cold read: a store read and an unwrap, which with KMS is a network round
+            # trip; off the loop, so the API and other handlers keep being served.
+            handle.data = await trio.to_thread.run_sync(self.layout.content, handle.node)
         return handle.data[off:off + size]
 
     async def release(self, fh):
@@ -316,6 +410,8 @@ class SecretsOperations(pyfuse3.Operations):
         node = self._node(inode)
         if mode & os.W_OK:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if not self._in_memory(node):
+            await self._load((node,))
         self.layout.attributes(node)  # ENOENT if it no longer exists
         kind, caller = node[0], self._caller(ctx)
         if kind in L.FILES and mode & os.X_OK:
@@ -330,6 +426,8 @@ class SecretsOperations(pyfuse3.Operations):
         if kind in (L.VERSION, L.KEY, L.VERSION_KEYS):
             secret, version_id = self.layout.version_of(node)
             return self.service.authorize_read(caller, secret, version_id, probe=True)
+        if not caller.is_root:
+            await self._load_listing(node)
         secret = self._listing_secret(caller, node)
         if secret is not None:
             return self.service.authorize_listing(caller, secret, probe=True)

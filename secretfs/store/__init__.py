@@ -2,7 +2,8 @@
 
 A store keeps secrets, their tags, versions (ciphertext and wrapped data key,
 never plaintext) and staging labels. Reads happen through `store.read()`, every
-mutation through exactly one `store.write()` transaction. `sqlite.py` is the
+mutation through exactly one `store.write()` transaction, and `store.lease(secret_id)`
+elects the one host of those sharing the store that rotates a secret. `sqlite.py` is the
 embedded default; `postgres.py`, for fleets, runs the same queries on PostgreSQL.
 A URL names the store: `sqlite:///ABSOLUTE/PATH` or `postgresql://…`.
 """

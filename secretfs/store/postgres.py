@@ -41,6 +41,16 @@ makes them from worker threads (trio.to_thread), never on the trio loop. A poole
 connection the server dropped (a restart, a failover) is retried once at the start of
 a write; a read fails with StoreError and the next one connects afresh.
 
+Leases. `lease(secret_id)` elects the one host that acts on a secret (the rotation
+runner's): a session-level advisory lock held on a connection of its own, which the
+server frees when its holder's connection ends, so a host that dies hands over at once
+(see the section "leases").
+
+Change notifications. Every host keeps what it serves in memory, so each commit is
+announced by the database itself: triggers NOTIFY the channel `secretfs` with what
+changed, and `listen()` gives a session that hears them (secretfs/fleet.py follows it;
+see the section "change notifications").
+
 Values arrive here already encrypted: this module never sees plaintext. Unlike
 SQLite's secure_delete, PostgreSQL leaves a deleted version's ciphertext in its data
 files until VACUUM reuses the space, and in its WAL and backups: ciphertext only.
@@ -50,10 +60,12 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import psycopg
@@ -324,6 +336,10 @@ class Writer(portable.Writer, Reader):
 class PostgresStore:
     """The store in one PostgreSQL database, shared by every host that names it."""
 
+    # Other hosts act on it too: a rotation one of them starts or leaves unfinished is
+    # found by looking (the rotation runner polls a shared store).
+    shared = True
+
     def __init__(self, url: str, *, write_wait: float = WRITE_WAIT):
         self.url = url
         self.where = redacted(url)
@@ -333,6 +349,8 @@ class PostgresStore:
         self._pool_lock = threading.Lock()
         self._idle: list[_Sql] = []
         self._closed = False
+        # Tags this process's writes, so its own change notifications are told apart.
+        self.origin = secrets.token_hex(8)
         try:
             with self.read() as reader:
                 version = _schema_version(reader.db)
@@ -344,6 +362,7 @@ class PostgresStore:
                     f"{SCHEMA_VERSION}")
             if version < SCHEMA_VERSION:
                 self._migrate()
+            _install_notifications(self)
         except BaseException:
             self.close()
             raise
@@ -428,7 +447,7 @@ class PostgresStore:
         try:
             if writing:
                 try:
-                    _begin_write(db, self.write_wait)
+                    _begin_write(db, self.write_wait, self.origin)
                 except psycopg.Error as error:
                     if not (pooled and db.raw.broken):
                         raise StoreError(
@@ -446,7 +465,7 @@ class PostgresStore:
 
     def _begin(self, db: _Sql) -> None:
         try:
-            _begin_write(db, self.write_wait)
+            _begin_write(db, self.write_wait, self.origin)
         except psycopg.Error as error:
             raise StoreError(f"the store can't start a write: {_reason(error)}") from None
 
@@ -489,6 +508,19 @@ class PostgresStore:
             self._closed = True
         self._drop_idle()
 
+    def listen(self) -> ChangeListener:
+        """A session of its own that hears every host's commits (see "change
+        notifications" below). It is opened at start, or after the last one was lost,
+        which the pool's idle connections most likely were too: they are dropped, so
+        the reads that follow connect afresh rather than fail once."""
+        self._drop_idle()
+        return ChangeListener(self)
+
+    def lease(self, secret_id: int) -> AbstractContextManager[bool]:
+        """Whether this process holds the lease on one secret, until the block ends:
+        while it does, every other host's lease on it is False (see "leases" below)."""
+        return _lease(self, secret_id)
+
 
 def _connect(conninfo: str, where: str) -> _Sql:
     try:
@@ -498,9 +530,240 @@ def _connect(conninfo: str, where: str) -> _Sql:
     return _Sql(raw)
 
 
-def _begin_write(db: _Sql, wait: float) -> None:
-    """BEGIN, bound the wait for the write lock, take it: one round trip."""
+def _begin_write(db: _Sql, wait: float, origin: str | None = None) -> None:
+    """BEGIN, bound the wait for the write lock, tag the transaction with its origin
+    (see "change notifications"), take the lock: one round trip."""
     milliseconds = max(1, int(wait * 1000))
+    tag = f" SET LOCAL {ORIGIN_SETTING} = '{origin}';" if origin else ""
     db.raw.execute(
         f"BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL lock_timeout = {milliseconds};"
-        f" SELECT pg_advisory_xact_lock({WRITE_LOCK})", prepare=False)
+        f"{tag} SELECT pg_advisory_xact_lock({WRITE_LOCK})", prepare=False)
+
+
+# --- change notifications ----------------------------------------------------------------
+#
+# Each host serves from memory what it read from the store (catalog.py's snapshots, the
+# parsed policies), so a commit must reach the other hosts. Triggers on the tables that
+# memory comes from NOTIFY the channel `secretfs` with what a row change touched:
+# `secret:<id>` (a secret's row, versions, labels or tags), `policies` (an identity
+# policy, or a secret's resource policy) or `access-keys`. PostgreSQL delivers them at
+# commit, in commit order, never for a rolled-back write, to every session that LISTENs,
+# and folds a transaction's identical notifications into one: a promotion that rewrites
+# a secret's row and several labels is heard once.
+#
+# Each payload ends in `@` and the writing process's origin, set (SET LOCAL) at the start
+# of its every write, so a daemon skips its own commits: it refreshed after them already.
+# A write by another tool (psql) has no origin, and every host hears it.
+#
+# The triggers are installed when a store is opened, once per NOTIFICATIONS version (the
+# meta key `change_notifications`), under the write lock, so hosts starting together
+# install them once. They are no schema migration: the schema version is SQLite's too,
+# and a SQLite store has one host, no one to tell.
+
+CHANNEL = "secretfs"
+ORIGIN_SETTING = "secretfs.origin"
+NOTIFICATIONS = 1
+NOTIFICATIONS_KEY = "change_notifications"
+_NOTIFYING_TABLES = ("secrets", "versions", "labels", "tags", "identity_policies",
+                     "access_keys")
+_NOTIFY_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION secretfs_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    origin text := '@' || coalesce(current_setting('{ORIGIN_SETTING}', true), '');
+    changed record;
+BEGIN
+    IF TG_OP = 'DELETE' THEN changed := OLD; ELSE changed := NEW; END IF;
+    IF TG_TABLE_NAME = 'identity_policies' THEN
+        PERFORM pg_notify('{CHANNEL}', 'policies' || origin);
+    ELSIF TG_TABLE_NAME = 'access_keys' THEN
+        PERFORM pg_notify('{CHANNEL}', 'access-keys' || origin);
+    ELSIF TG_TABLE_NAME = 'secrets' THEN
+        PERFORM pg_notify('{CHANNEL}', 'secret:' || changed.id || origin);
+        IF TG_OP = 'UPDATE' THEN
+            IF OLD.policy IS DISTINCT FROM NEW.policy THEN
+                PERFORM pg_notify('{CHANNEL}', 'policies' || origin);
+            END IF;
+        ELSIF changed.policy IS NOT NULL THEN
+            PERFORM pg_notify('{CHANNEL}', 'policies' || origin);
+        END IF;
+    ELSE
+        PERFORM pg_notify('{CHANNEL}', 'secret:' || changed.secret_id || origin);
+    END IF;
+    RETURN NULL;
+END $$
+"""
+# The listening session is idle between notifications: libpq's TCP keepalives find a
+# server that vanished without a word (no FIN) in about idle + interval x count = 11 s,
+# and tcp_user_timeout a ping that is never acknowledged in 10 s. The URL's own
+# settings win; a Unix-socket connection ignores them.
+_LISTENING_SETTINGS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+                       "keepalives_count": "3", "tcp_user_timeout": "10000"}
+
+
+def _install_notifications(store: PostgresStore) -> None:
+    """The triggers of this NOTIFICATIONS version, unless the store has them already."""
+    with store.read() as reader:
+        if reader.meta(NOTIFICATIONS_KEY) == str(NOTIFICATIONS):
+            return
+    try:
+        with store.write() as writer:
+            if writer.meta(NOTIFICATIONS_KEY) == str(NOTIFICATIONS):
+                return  # another host installed them meanwhile
+            writer.db.raw.execute(_NOTIFY_FUNCTION)
+            for table in _NOTIFYING_TABLES:  # (CREATE OR REPLACE TRIGGER is 14's)
+                writer.db.raw.execute(
+                    f"DROP TRIGGER IF EXISTS secretfs_notify ON {table}; CREATE TRIGGER "
+                    f"secretfs_notify AFTER INSERT OR UPDATE OR DELETE ON {table} "
+                    f"FOR EACH ROW EXECUTE FUNCTION secretfs_notify()")
+            writer.set_meta(NOTIFICATIONS_KEY, str(NOTIFICATIONS))
+    except StoreError as error:
+        raise StoreError(f"can't install change notifications in {store.where}: "
+                         f"{error}") from None
+
+
+class Change(NamedTuple):
+    """One notification: what changed ("secret", "policies" or "access-keys"), which
+    secret, and the origin of the write that changed it ("" when unknown)."""
+
+    kind: str
+    secret_id: int | None
+    origin: str
+
+
+def parse_change(payload: str) -> Change | None:
+    """A notification's payload; None for one this secretfs doesn't know (a newer
+    host's), which a listener answers by reading everything again."""
+    what, at, origin = payload.rpartition("@")
+    kind, _, number = what.partition(":")
+    if not at:
+        return None
+    if kind == "secret" and number.isdigit():
+        return Change(kind, int(number), origin)
+    if kind in ("policies", "access-keys") and what == kind:
+        return Change(kind, None, origin)
+    return None
+
+
+class ChangeListener:
+    """A session of its own that LISTENs to the store's channel: `changes()` waits for
+    notifications, `ping()` proves the session, and so their delivery, still works.
+    Its application_name (`<name>-feed-<origin>`) tells it apart in pg_stat_activity."""
+
+    def __init__(self, store: PostgresStore):
+        params = conninfo_to_dict(store._conninfo)
+        for name, value in _LISTENING_SETTINGS.items():
+            params.setdefault(name, value)
+        self.application_name = f"{params.get('application_name', 'secretfs')}-feed-" \
+                                f"{store.origin}"
+        params["application_name"] = self.application_name
+        self.where = store.where
+        try:
+            self.raw = psycopg.connect(make_conninfo(**params), autocommit=True)
+        except psycopg.Error as error:
+            raise StoreError(f"can't connect to the store at {self.where}: "
+                             f"{_reason(error)}") from None
+        try:
+            self.raw.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as error:
+            self.raw.close()
+            raise StoreError(f"can't listen to the store at {self.where}: "
+                             f"{_reason(error)}") from None
+
+    def changes(self, timeout: float) -> list[Change | None]:
+        """The notifications that arrive within `timeout` seconds: the first burst, at
+        once (and any that came during a ping)."""
+        try:
+            found = list(self.raw.notifies(timeout=timeout, stop_after=1))
+            if found:
+                found += self.raw.notifies(timeout=0)
+        except psycopg.Error as error:
+            raise StoreError(f"the store's change notifications stopped: "
+                             f"{_reason(error)}") from None
+        return [parse_change(notify.payload) for notify in found if notify.channel == CHANNEL]
+
+    def ping(self) -> None:
+        """One round trip: every commit before it has been delivered once it returns."""
+        try:
+            self.raw.execute("SELECT 1")
+        except psycopg.Error as error:
+            raise StoreError(f"the store's change notifications stopped: "
+                             f"{_reason(error)}") from None
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+# --- leases ------------------------------------------------------------------------------
+#
+# A lease says which host of a fleet acts alone on one secret (the rotation runner takes
+# one for each rotation it runs). It is a session-level advisory lock in the two-int form,
+# (LEASE_CLASS, secret id), on a connection set aside for the lease's whole duration:
+# another host's pg_try_advisory_lock on that key is refused at once, and the server
+# frees the lock when its holder unlocks it or its connection ends. A holder that is
+# SIGKILLed, or whose connection breaks, thus hands the secret over with no timeout to
+# wait out. The two-int form (objsubid 2 in pg_locks) never collides with WRITE_LOCK's
+# single bigint; the class keeps the key apart from other users of the two-int form.
+# The lock is the server's, so a lease is only as exclusive as the connection is alive:
+# a holder cut off from the server loses it while it may still act, which is why AWS's
+# rotation steps are written to be run again.
+
+LEASE_CLASS = 0x726F7461  # "rota"
+# Server-side TCP keepalives on a lease's connection: a holder whose machine vanished
+# (no FIN ever comes) loses the lease in about idle + interval x count = 25 s rather
+# than after the kernel's default two hours. A Unix-socket connection ignores them.
+_LEASE_SETTINGS = {"tcp_keepalives_idle": 10, "tcp_keepalives_interval": 5,
+                   "tcp_keepalives_count": 3}
+_TRY_LEASE = "SELECT " + "".join(
+    f"set_config('{name}', '{value}', false), " for name, value in _LEASE_SETTINGS.items()
+) + "pg_try_advisory_lock(%s, %s)"
+
+
+def lease_key(secret_id: int) -> tuple[int, int]:
+    """The advisory lock a secret's lease is. objid is an int4: ids wrap past 2^31, so
+    ids 2^32 apart would share a lease, which only makes them take turns."""
+    return LEASE_CLASS, (secret_id + 2**31) % 2**32 - 2**31
+
+
+def _try_lease(db: _Sql, key: tuple[int, int]) -> bool:
+    return db.raw.execute(_TRY_LEASE, key).fetchone()[-1]
+
+
+@contextmanager
+def _lease(store: PostgresStore, secret_id: int) -> Iterator[bool]:
+    key = lease_key(secret_id)
+    db, pooled = store._checkout()
+    try:
+        held = _try_lease(db, key)
+    except psycopg.Error as error:
+        dropped = pooled and db.raw.broken
+        db.raw.close()
+        if not dropped:
+            raise StoreError(f"the store can't grant a lease: {_reason(error)}") from None
+        # A connection the server dropped while pooled: once more, anew.
+        store._drop_idle()
+        db = _connect(store._conninfo, store.where)
+        try:
+            held = _try_lease(db, key)
+        except psycopg.Error as error:
+            db.raw.close()
+            raise StoreError(f"the store can't grant a lease: {_reason(error)}") from None
+    if not held:
+        store._checkin(db)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _release(store, db, key)
+
+
+def _release(store: PostgresStore, db: _Sql, key: tuple[int, int]) -> None:
+    """Unlock, and pool the connection again only when it is known to hold no lock."""
+    try:
+        released = db.raw.execute("SELECT pg_advisory_unlock(%s, %s)", key).fetchone()[0]
+    except psycopg.Error:
+        released = False  # the connection is gone, and the lock with it
+    if released:
+        store._checkin(db)
+    else:
+        db.raw.close()

@@ -283,12 +283,63 @@ class Reader:
             return None
         return found[0], SealedValue(bytes(found[1]), bytes(found[2]), found[3], False)
 
+    # Both scan their table once (there is no index on key_id): they run at daemon start.
+    # rowid is SQLite's own, and a column of postgres.py's versions table.
+    def version_key_samples(self, per_key: int) -> list[tuple[str, str, str, bytes]]:
+        """Wrapped data keys to try each master key on: (key id, secret ARN, version id,
+        wrapped key) of the `per_key` versions last written under each key, newest first."""
+        return [(key_id, arn, version_id, bytes(wrapped)) for key_id, arn, version_id, wrapped
+                in self.db.execute(
+                    "SELECT v.key_id, s.arn, v.version_id, v.wrapped_key FROM versions v"
+                    " JOIN secrets s ON s.id = v.secret_id WHERE v.rowid IN"
+                    " (SELECT r FROM (SELECT rowid AS r, row_number() OVER"
+                    " (PARTITION BY key_id ORDER BY rowid DESC) AS n FROM versions"
+                    " WHERE wrapped_key IS NOT NULL) AS ranked WHERE n <= ?)"
+                    " ORDER BY v.key_id, v.rowid DESC", (per_key,))]
+
+    def access_key_samples(self, per_key: int) -> list[tuple[str, str, bytes]]:
+        """The same for access keys: (key id, access key id, wrapped key) of the
+        `per_key` access keys last created under each master key, newest first."""
+        return [(key_id, access_key_id, bytes(wrapped)) for key_id, access_key_id, wrapped, _
+                in self.db.execute(
+                    "SELECT key_id, access_key_id, wrapped_key, n FROM (SELECT key_id,"
+                    " access_key_id, wrapped_key, row_number() OVER (PARTITION BY key_id"
+                    " ORDER BY created DESC, access_key_id) AS n FROM access_keys) AS ranked"
+                    " WHERE n <= ? ORDER BY key_id, n", (per_key,))]
+
     def expired(self, now: float) -> list[int]:
         return [row[0] for row in self.db.execute(
             "SELECT id FROM secrets WHERE deleted IS NOT NULL AND deleted <= ?", (now,))]
 
     def next_deletion(self) -> float | None:
         return self.db.execute("SELECT min(deleted) FROM secrets").fetchone()[0]
+
+    # Re-encryption (secretfs/rekey.py) walks the wrapped data keys a page at a time in
+    # primary-key order, so a walk that stops resumes where it was.
+    def wrapped_versions(self, after: tuple[int, str] | None, limit: int
+                         ) -> list[tuple[int, str, str, str | None, str, bytes]]:
+        """(secret id, version id, secret ARN, the secret's KmsKeyId, key id, wrapped
+        key) of the versions holding a value, after `after` in (secret id, version id)."""
+        clause, args = ("AND (v.secret_id, v.version_id) > (?, ?)", after) if after \
+            else ("", ())
+        return [(*row[:5], bytes(row[5])) for row in self.db.execute(
+            "SELECT v.secret_id, v.version_id, s.arn, s.kms_key_id, v.key_id, v.wrapped_key"
+            " FROM versions v JOIN secrets s ON s.id = v.secret_id"
+            f" WHERE v.wrapped_key IS NOT NULL {clause}"
+            " ORDER BY v.secret_id, v.version_id LIMIT ?", (*args, limit))]
+
+    def wrapped_access_keys(self, after: str | None, limit: int
+                            ) -> list[tuple[str, str, bytes]]:
+        """(access key id, key id, wrapped key) of the access keys after `after`."""
+        return [(key_id, master, bytes(wrapped)) for key_id, master, wrapped in self.db.execute(
+            "SELECT access_key_id, key_id, wrapped_key FROM access_keys"
+            " WHERE access_key_id > ? ORDER BY access_key_id LIMIT ?", (after or "", limit))]
+
+    def wrapped_key_count(self) -> int:
+        """How many wrapped data keys the store holds (versions' and access keys')."""
+        return self.db.execute(
+            "SELECT (SELECT count(*) FROM versions WHERE wrapped_key IS NOT NULL)"
+            " + (SELECT count(*) FROM access_keys)").fetchone()[0]
 
 
 class Writer(Reader):
@@ -388,12 +439,32 @@ class Writer(Reader):
         return self.db.execute("DELETE FROM access_keys WHERE access_key_id = ?",
                                (access_key_id,)).rowcount > 0
 
+    # Compare-and-swap: a version deleted, or a key rewrapped by someone else since it
+    # was read, is left alone (False).
+    def rewrap_version(self, secret_id: int, version_id: str, old: bytes, wrapped: bytes,
+                       key_id: str) -> bool:
+        """Replace a version's wrapped data key, if it still is `old`."""
+        return self.db.execute(
+            "UPDATE versions SET wrapped_key = ?, key_id = ? WHERE secret_id = ?"
+            " AND version_id = ? AND wrapped_key = ?",
+            (wrapped, key_id, secret_id, version_id, old)).rowcount > 0
+
+    def rewrap_access_key(self, access_key_id: str, old: bytes, wrapped: bytes,
+                          key_id: str) -> bool:
+        """Replace an access key's wrapped data key, if it still is `old`."""
+        return self.db.execute(
+            "UPDATE access_keys SET wrapped_key = ?, key_id = ? WHERE access_key_id = ?"
+            " AND wrapped_key = ?", (wrapped, key_id, access_key_id, old)).rowcount > 0
+
     def delete_secret(self, secret_id: int) -> None:
         self.db.execute("DELETE FROM secrets WHERE id = ?", (secret_id,))
 
 
 class SqliteStore:
     """The store on one SQLite file in WAL mode."""
+
+    # One daemon owns the file: no other host acts on it behind this daemon's back.
+    shared = False
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -521,3 +592,10 @@ class SqliteStore:
         if db is not None:
             db.close()
             self._local.db = None
+
+    @contextmanager
+    def lease(self, secret_id: int) -> Iterator[bool]:
+        """Always held. A lease elects one host among those sharing a store; a SQLite
+        file has one daemon (it holds its state directory's lock, see daemon.py), which
+        runs one rotation runner, so there is nobody to elect against."""
+        yield True
