@@ -336,8 +336,8 @@ class SecretfsMount:
             raise BenchError(f"secretfs {args[0]} failed: {_last_line(result.stderr)}")
         return result
 
-    def init(self) -> None:
-        self.cli("init", "--state-dir", str(self.state))
+    def init(self, *args: str) -> None:
+        self.cli("init", "--state-dir", str(self.state), *args)
 
     def start(self) -> float:
         """Mount; seconds from running `secretfs mount` to its return (mount and
@@ -481,6 +481,42 @@ def moto_server(base: Path) -> Iterator[Callable[[], str]]:
         yield ready
     finally:
         stop_process(process)
+
+
+@contextlib.contextmanager
+def postgres_server(base: Path) -> Iterator[str]:
+    """A throw-away PostgreSQL server (initdb and pg_ctl as the postgres user) on a free
+    loopback port, trusting local connections; yields a URL of an empty database."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda path: int(Path(path).parts[-3]))
+    if not found:
+        raise BenchError("PostgreSQL's server binaries are missing (scripts/setup.sh)")
+    bindir = Path(found[-1]).parent
+    root = base / "postgresql"
+    root.mkdir()
+    shutil.chown(root, "postgres", "postgres")
+    data, log, port = root / "data", root / "server.log", free_port()
+
+    def as_postgres(*command: str) -> None:
+        result = subprocess.run(["runuser", "-u", "postgres", "--", *command],
+                                capture_output=True, text=True, timeout=120)
+        if result.returncode:
+            raise BenchError(f"{Path(command[0]).name} failed: {_last_line(result.stderr)}")
+
+    as_postgres(str(bindir / "initdb"), "--pgdata", str(data), "--username", "postgres",
+                "--auth=trust", "--encoding=UTF8", "--no-sync", "--no-instructions")
+    try:
+        as_postgres(str(bindir / "pg_ctl"), "--pgdata", str(data), "--log", str(log), "--wait",
+                    "--options", f"-c listen_addresses=127.0.0.1 -c port={port}"
+                    f" -c unix_socket_directories={root} -c fsync=off", "start")
+        as_postgres(str(bindir / "createdb"), "--host", "127.0.0.1", "--port", str(port),
+                    "--username", "postgres", "secretfs")
+        yield f"postgresql://postgres@127.0.0.1:{port}/secretfs"
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", str(bindir / "pg_ctl"), "--pgdata",
+                        str(data), "--mode", "immediate", "stop"], capture_output=True)
 
 
 def secretsmanager_client(endpoint: str, key_id: str, secret_key: str,

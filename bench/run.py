@@ -45,6 +45,7 @@ from harness import (
     minimal_fs,
     moto_server,
     new_value,
+    postgres_server,
     read_file,
     refused_subject,
     remove_directory,
@@ -395,6 +396,140 @@ def bench_promotion(plan: Plan, report: Report, base: Path) -> None:
                   shown.p50 <= 10_000)
 
 
+# --- 6. fleet: cross-host promotion, KMS cold reads --------------------------------------
+
+def _wait_until(read: Callable[[], bytes], value: bytes, seconds: float, what: str) -> int:
+    """perf_counter_ns when `read()` first returned `value`."""
+    deadline = time.perf_counter_ns() + int(seconds * 1e9)
+    while True:
+        if read() == value:
+            return time.perf_counter_ns()
+        if time.perf_counter_ns() > deadline:
+            raise BenchError(f"{what} was not visible {seconds:.0f} s after the call")
+
+
+def _both_seen(read_a: Callable[[], bytes], read_b: Callable[[], bytes], value: bytes,
+               seconds: float, what: str) -> tuple[int, int]:
+    """perf_counter_ns when each reader first returned `value`, reading them in turns."""
+    deadline = time.perf_counter_ns() + int(seconds * 1e9)
+    seen: list[int | None] = [None, None]
+    while None in seen:
+        for index, read in enumerate((read_a, read_b)):
+            if seen[index] is None and read() == value:
+                seen[index] = time.perf_counter_ns()
+        if time.perf_counter_ns() > deadline:
+            raise BenchError(f"{what} was not visible on both hosts {seconds:.0f} s after "
+                             "the call")
+    return seen[0], seen[1]
+
+
+def _readable(path: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        try:
+            return read_file(path)
+        except OSError:
+            return b""
+    return read
+
+
+def bench_fleet(plan: Plan, report: Report, base: Path) -> None:
+    with postgres_server(base) as url:
+        host_a, host_b = SecretfsMount(base, "host-a"), SecretfsMount(base, "host-b")
+        host_a.init("--store", url)
+        host_b.init("--join", "--store", url, "--keys-from", str(host_a.state / "keys.json"))
+        calls, on_a, on_b = [], [], []
+        with host_a.running(), host_b.running():
+            client = host_a.client()
+            first = new_value("f")
+            old_id = client.call("CreateSecret", {"Name": NAME, "SecretString": first.decode()})[
+                "VersionId"]
+            _wait_until(_readable(host_b.path(NAME, "AWSCURRENT")), first, 10, "a new secret")
+            for n in range(plan.promotions):
+                value = new_value(f"f{n}")
+                new_id = client.call("PutSecretValue", {
+                    "SecretId": NAME, "SecretString": value.decode(),
+                    "VersionStages": ["AWSPENDING"]})["VersionId"]
+                for host in (host_a, host_b):
+                    for _ in range(3):
+                        read_file(host.path(NAME, "AWSCURRENT"))  # the old value, hot
+                called = time.perf_counter_ns()
+                client.call("UpdateSecretVersionStage", {
+                    "SecretId": NAME, "VersionStage": "AWSCURRENT", "MoveToVersionId": new_id,
+                    "RemoveFromVersionId": old_id})
+                returned = time.perf_counter_ns()
+                seen_a, seen_b = _both_seen(
+                    _readable(host_a.path(NAME, "AWSCURRENT")),
+                    _readable(host_b.path(NAME, "AWSCURRENT")), value, 10, "a promotion")
+                calls.append(returned - called)
+                on_b.append(seen_b - returned)
+                on_a.append(seen_a - returned)
+                old_id = new_id
+    call, remote, local = Stats.of(calls), Stats.of(on_b), Stats.of(on_a)
+    report.section("6. Fleet: promotion across hosts", [
+        "Two daemons (hosts A and B, each its own mount and state directory) share one "
+        "PostgreSQL database on loopback (a throw-away server, "
+        "fsync off). "
+        f"{plan.promotions} promotions through A's API (UpdateSecretVersionStage over its Unix "
+        "socket); from the call's return, A's and B's mounts are read in turns until each "
+        "shows the new value (A refreshed before answering; B learns of it by "
+        "LISTEN/NOTIFY).", "",
+        *table(["what", "samples", "p50 ms", "p99 ms", "max ms"], [
+            ["UpdateSecretVersionStage on A (round trip, PostgreSQL commit)", str(call.n),
+             ms(call.p50), ms(call.p99), ms(call.max)],
+            ["call returned → new value read through B's mount", str(remote.n),
+             ms(remote.p50), ms(remote.p99), ms(remote.max)],
+            ["call returned → new value read through A's own mount", str(local.n), ms(local.p50), ms(local.p99),
+             ms(local.max)]])])
+    report.chart["fleet"] = [v / 1e6 for v in on_b]
+
+
+def _kms_client(endpoint: str):
+    import boto3
+
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                 region_name=REGION).client("kms", endpoint_url=endpoint)
+
+
+def bench_kms(plan: Plan, report: Report, base: Path) -> None:
+    # moto's server takes any credentials; the daemons find these in their environment.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    samples: dict[str, list[int]] = {}
+    with moto_server(base) as moto_ready:
+        endpoint = moto_ready()
+        key_id = _kms_client(endpoint).create_key(Description="secretfs bench")[
+            "KeyMetadata"]["KeyId"]
+        local = SecretfsMount(base, "local")
+        kms = SecretfsMount(base, "kms")
+        local.init()
+        kms.init("--key-provider", "kms", "--kms-key-id", key_id, "--kms-endpoint-url",
+                 endpoint, "--kms-region", REGION)
+        with local.running(), kms.running():
+            for daemon in (local, kms):
+                daemon.call("CreateSecret", {"Name": NAME,
+                                             "SecretString": new_value("k").decode()})
+            for n in range(plan.cold_versions):
+                for label, daemon in (("local key file", local), ("AWS KMS (moto)", kms)):
+                    value = new_value(f"k{n}")
+                    daemon.call("PutSecretValue", {"SecretId": NAME,
+                                                   "SecretString": value.decode()})
+                    for kind in ("cold", "hot"):
+                        elapsed, data = _timed_read(daemon.path(NAME, "AWSCURRENT"))
+                        if data != value:
+                            raise BenchError("AWSCURRENT did not show the version just put")
+                        samples.setdefault(f"{label}: {kind}", []).append(elapsed)
+    stats = {label: Stats.of(found) for label, found in samples.items()}
+    base_p50 = stats["local key file: cold"].p50
+    report.section("7. Cold read with AWS KMS", [
+        "As in 2, the first read of a version just put (decryption included), with the master "
+        "key in the local key file and in KMS (moto's server on loopback: one Decrypt call "
+        "over HTTP per cold version; a real KMS adds its network round trip, typically a few "
+        "ms in-region). Interleaved, one version at a time on each.", "",
+        *table(["read", "samples", "p50 µs", "p99 µs", "p50 ÷ local cold"],
+               [[label, str(s.n), us(s.p50), us(s.p99), f"{s.p50 / base_p50:.3g}"]
+                for label, s in stats.items()])])
+
+
 # --- 5. policy cost ------------------------------------------------------------------------
 
 def _policy(statements: list[dict]) -> str:
@@ -584,6 +719,8 @@ BENCHMARKS: list[tuple[str, Callable, tuple[str, ...]]] = [
     ("scale", bench_scale, ("c",)),
     ("promotion", bench_promotion, ("d",)),
     ("policy cost", bench_policy, ()),
+    ("fleet promotion", bench_fleet, ()),
+    ("kms cold read", bench_kms, ()),
 ]
 
 
