@@ -17,6 +17,7 @@ import base64
 import pwd
 import re
 import secrets
+import threading
 from datetime import datetime
 
 from secretfs.crypto import KeyProvider
@@ -73,10 +74,20 @@ def principal_caller(principal: str, *, source: str, access_key: str,
                   address=address)
 
 
+# Secret halves kept open in memory, each with the stored blob it came from.
+OPENED_MAX = 1024
+
+
 class AccessKeys:
     def __init__(self, store, keys: KeyProvider):
         self.store = store
         self.keys = keys
+        # access key id -> (stored ciphertext + wrapped key, secret half): every signed
+        # request would otherwise unwrap its data key, with KMS a network round trip.
+        # The row is still read at every request, so a deleted key stops working at
+        # once, and a re-wrapped one (re-encrypt) is opened again.
+        self._opened: dict[str, tuple[bytes, str]] = {}
+        self._opened_lock = threading.Lock()  # requests are answered in several threads
 
     def create(self, principal: str, now: datetime) -> dict:
         principal = check_principal(principal)
@@ -114,6 +125,14 @@ class AccessKeys:
         if found is None:
             return None
         principal, stored = found
+        blob = stored.ciphertext + stored.wrapped_key
+        opened = self._opened.get(access_key_id)
+        if opened is not None and opened[0] == blob:
+            return opened[1], principal
         secret = unseal(self.keys, Sealed(stored.ciphertext, stored.wrapped_key, stored.key_id),
-                        **_context(access_key_id))
-        return secret.decode(), principal
+                        **_context(access_key_id)).decode()
+        with self._opened_lock:
+            if len(self._opened) >= OPENED_MAX:
+                self._opened.pop(next(iter(self._opened)))
+            self._opened[access_key_id] = (blob, secret)
+        return secret, principal

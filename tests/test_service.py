@@ -16,6 +16,7 @@ from datetime import timedelta
 import pytest
 
 from secretfs import model
+from secretfs.access_keys import wrapping_context
 from secretfs.identity import SYSTEM
 from secretfs.model import (
     AccessDeniedException,
@@ -1351,3 +1352,41 @@ def test_a_value_sealed_ahead_for_another_key_is_sealed_again(env):
         assert reader.sealed_value(secret.secret_id, token).key_id == other
     env.service.catalog.refresh(secret.secret_id)
     assert env.call("GetSecretValue", SecretId="app/db")["SecretString"] == "two"
+
+
+class _CountingKeys:
+    """The service's own key provider, counting the data keys it unwraps."""
+
+    def __init__(self, keys):
+        self._keys = keys
+        self.unwrapped = 0
+
+    def __getattr__(self, name):
+        return getattr(self._keys, name)
+
+    def unwrap(self, *args):
+        self.unwrapped += 1
+        return self._keys.unwrap(*args)
+
+
+def test_an_access_keys_secret_half_is_unwrapped_once_until_its_row_changes(env):
+    """Each signed request looks its key up; with KMS an unwrap is a network round trip,
+    so the opened secret half is kept while the stored row is the one it came from."""
+    created = env.call("CreateAccessKey", Principal="uid:1000")
+    key_id = created["AccessKeyId"]
+    access_keys = env.service.access_keys
+    counting = access_keys.keys = _CountingKeys(access_keys.keys)
+    for _ in range(3):
+        assert access_keys.credentials(key_id) == (created["SecretAccessKey"], "uid:1000")
+    assert counting.unwrapped == 1
+    # Re-wrapped under another data key blob (what re-encrypt does): opened afresh.
+    with env.service.store.read() as reader:
+        (_, master, old), = reader.wrapped_access_keys(None, 10)
+    data_key = counting._keys.unwrap(master, old, wrapping_context(key_id))
+    rewrapped = counting._keys.wrap(master, bytes(data_key), wrapping_context(key_id))
+    with env.service.store.write() as writer:
+        assert writer.rewrap_access_key(key_id, old, rewrapped, master)
+    assert access_keys.credentials(key_id) == (created["SecretAccessKey"], "uid:1000")
+    assert counting.unwrapped == 2
+    env.call("DeleteAccessKey", AccessKeyId=key_id)
+    assert access_keys.credentials(key_id) is None
