@@ -562,7 +562,10 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
         options = options.with_config(state.read_config())
         if options.lock_memory:  # before any key or secret is in memory
             lock_memory()
-        service = open_service(state, audit=audit, passphrase=passphrase)
+        # The store's index, the policies and the start check (an unwrap per key, with
+        # KMS a network call each) are blocking reads: in a worker thread, as all others.
+        service = await trio.to_thread.run_sync(functools.partial(
+            open_service, state, audit=audit, passphrase=passphrase))
         endpoint, ssl_context = _endpoint(state, options)
         try:
             metrics_endpoint = options.metrics_endpoint()
