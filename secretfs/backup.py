@@ -53,7 +53,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secretfs.crypto.envelope import encode_fields
-from secretfs.crypto.local import SEALED_BY_CREDENTIAL
+from secretfs.crypto.local import sealed_by_credential
 from secretfs.crypto.passphrase import (
     SCRYPT,
     PassphraseError,
@@ -163,8 +163,8 @@ def _check_integrity(connection: sqlite3.Connection, where: Path) -> None:
 
 def _sealed_by_credential(keys: bytes) -> bool:
     try:
-        return json.loads(keys).get("SealedBy") == SEALED_BY_CREDENTIAL
-    except (ValueError, AttributeError):
+        return sealed_by_credential(keys)
+    except ValueError:
         raise BackupError("keys.json is not a key file (not a JSON object)") from None
 
 

@@ -243,12 +243,12 @@ def _install_key_file(content: bytes, state: StateDir, *, region: str, account_i
     """This host's copy of the fleet's key file, checked to open before it is kept.
     A key file sealed by a systemd credential is kept as it is; the daemon opens it."""
     from secretfs.crypto import LocalKeyProvider
+    from secretfs.crypto.local import sealed_by_credential
     from secretfs.files import write_new_file
 
     write_new_file(state.keys, content)
     try:
-        if b'"SealedBy"' in content and passphrase is None:
-            json.loads(content)
+        if passphrase is None and sealed_by_credential(content):
             return None
         return LocalKeyProvider.load(state.keys, region=region, account_id=account_id,
                                      passphrase=passphrase)

@@ -95,6 +95,15 @@ SEALED_BY_PASSPHRASE = "passphrase"
 _SEAL_AAD_TAG = "secretfs/key-file-seal/v1"
 
 
+def sealed_by_credential(content: bytes) -> bool:
+    """Whether a key file's bytes hold key material sealed by the systemd credential
+    (opened only where that credential is). ValueError: not a key file's JSON object."""
+    try:
+        return json.loads(content).get("SealedBy") == SEALED_BY_CREDENTIAL
+    except (ValueError, AttributeError):
+        raise ValueError("not a key file (not a JSON object)") from None
+
+
 def credential_path() -> Path | None:
     """``$CREDENTIALS_DIRECTORY/secretfs-master-key`` when systemd passed that credential."""
     return passphrases.credential_path(CREDENTIAL_NAME)
