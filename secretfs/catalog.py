@@ -91,6 +91,10 @@ class Catalog:
         snapshot is loaded, or the catalog knows no such secret."""
         return secret_id in self._snapshots or secret_id not in self._rows
 
+    def loaded(self, secret_id: int) -> Secret | None:
+        """The secret's snapshot if it is in memory; never reads the store."""
+        return self._snapshots.get(secret_id)
+
     def get(self, secret_id: int) -> Secret | None:
         snapshot = self._snapshots.get(secret_id)
         if snapshot is not None or secret_id not in self._rows:

@@ -205,6 +205,34 @@ class _Units:
 _UNITS = _Units()
 
 
+class _Described:
+    """(pid, uid, gid) -> (exe, when, items): an audit record's identity of a process,
+    made again when the process runs another executable (read on every open) or
+    after _Units.TTL, so its unit and user name are never older than their own
+    caches allow. A process opening files again and again is the hot path's case."""
+
+    def __init__(self):
+        self._seen: dict[tuple[int, int, int], tuple[str | None, float, tuple]] = {}
+
+    def items(self, who: Identity) -> tuple[tuple[str, object], ...]:
+        caller = who.caller
+        key = (caller.pid, caller.uid, caller.gid)
+        exe = who.exe
+        now = time.monotonic()
+        found = self._seen.get(key)
+        if found is not None and found[0] == exe and now - found[1] < _Units.TTL:
+            return found[2]
+        items = (("uid", caller.uid), ("gid", caller.gid), ("user", who.user),
+                 ("pid", caller.pid), ("exe", exe), ("unit", who.units.unit(who)))
+        if len(self._seen) > 4096:
+            self._seen.clear()
+        self._seen[key] = (exe, now, items)
+        return items
+
+
+_DESCRIBED = _Described()
+
+
 @dataclass(eq=False)
 class Identity:
     """A caller with the attributes policies ask for, each resolved on first use."""
@@ -212,6 +240,7 @@ class Identity:
     caller: Caller
     names: _Names = _NAMES
     units: _Units = _UNITS
+    described_processes: _Described = _DESCRIBED
 
     @property
     def uid(self) -> int:
@@ -296,9 +325,14 @@ class Identity:
 
     def describe(self) -> dict:
         """The identity for an audit record (resolves every attribute)."""
+        return dict(self.described())
+
+    def described(self) -> tuple[tuple[str, object], ...]:
+        """describe()'s items as a tuple: hashable, so the audit log can encode a
+        record repeated by the same process once (`AuditLog.record_keyed`)."""
         caller = self.caller
         if caller.rotator is not None:
-            return {"rotator": caller.rotator}
+            return (("rotator", caller.rotator),)
         pid = caller.pid
         if pid <= 0:
             unit = None
@@ -306,6 +340,6 @@ class Identity:
             unit = self.unit
             self.units.remember(pid, self.exe, unit)
         else:
-            unit = self.units.unit(self)
-        return {"uid": caller.uid, "gid": caller.gid, "user": self.user, "pid": pid,
-                "exe": self.exe, "unit": unit}
+            return self.described_processes.items(self)
+        return (("uid", caller.uid), ("gid", caller.gid), ("user", self.user), ("pid", pid),
+                ("exe", self.exe), ("unit", unit))

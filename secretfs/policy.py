@@ -710,12 +710,10 @@ class Authorizer:
         decision, who = self.decide(caller, action, secret, stages=stages,
                                     version_id=version_id)
         if self.audit is not None:
-            record = decision_event(who, event or action, secret, decision,
-                                    version_id=version_id, stages=stages)
-            if probe:
-                record["probe"] = "access"
-            self.audit.record(record, handed_over=True)
-        if not probe:
+            self.audit.record_keyed(
+                decision_key(who, event or action, secret, decision, version_id=version_id,
+                             stages=stages, probe=probe), decision_record)
+        if not (probe or decision.allowed):
             deny(decision, who, action, secret.arn if secret is not None else None)
         return decision
 
@@ -743,28 +741,49 @@ class Authorizer:
         return self.decide(caller, action, secret, **request)[0].allowed
 
 
-def decision_event(who: Identity, event: str, secret, decision: Decision, *,
-                   version_id: str | None = None, stages: tuple[str, ...] = (),
-                   error_code: str | None = None) -> dict:
-    identity = who.describe()
-    if who.caller.access_key:
-        identity["accessKeyId"] = who.caller.access_key
-    if who.caller.address:
-        identity["sourceIPAddress"] = who.caller.address
-    record = {"eventName": event, "eventSource": who.source, "userIdentity": identity,
-              "decision": "allow" if decision.allowed else "deny",
-              "decidedBy": decision.decided_by}
+def decision_key(who: Identity, event: str, secret, decision: Decision, *,
+                 version_id: str | None = None, stages: tuple[str, ...] = (),
+                 error_code: str | None = None, probe: bool = False) -> tuple:
+    """Everything a decision's audit record says, as a hashable tuple (its time and
+    chain aside): the record is `decision_record(key)`. A process opening the same
+    file again makes an equal key, which the audit log encodes once."""
+    caller = who.caller
+    return (event, who.source, decision.allowed, decision.decided_by, who.described(),
+            caller.access_key, caller.address,
+            None if secret is None else (secret.arn, secret.name),
+            version_id, tuple(stages), error_code, probe)
+
+
+def decision_record(key: tuple) -> dict:
+    (event, source, allowed, decided_by, identity, access_key, address, secret,
+     version_id, stages, error_code, probe) = key
+    identity = dict(identity)
+    if access_key:
+        identity["accessKeyId"] = access_key
+    if address:
+        identity["sourceIPAddress"] = address
+    record = {"eventName": event, "eventSource": source, "userIdentity": identity,
+              "decision": "allow" if allowed else "deny", "decidedBy": decided_by}
     resources = {}
     if secret is not None:
-        resources = {"arn": secret.arn, "name": secret.name}
+        resources = {"arn": secret[0], "name": secret[1]}
     if version_id:
         resources["versionId"] = version_id
     if stages:
         resources["versionStage"] = list(stages)
     if resources:
         record["resources"] = resources
-    if not decision.allowed:
+    if not allowed:
         record["errorCode"] = "AccessDeniedException"
     elif error_code:
         record["errorCode"] = error_code
+    if probe:
+        record["probe"] = "access"
     return record
+
+
+def decision_event(who: Identity, event: str, secret, decision: Decision, *,
+                   version_id: str | None = None, stages: tuple[str, ...] = (),
+                   error_code: str | None = None) -> dict:
+    return decision_record(decision_key(who, event, secret, decision, version_id=version_id,
+                                        stages=stages, error_code=error_code))

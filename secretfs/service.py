@@ -22,6 +22,7 @@ import re
 import secrets
 import string
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -107,7 +108,11 @@ class SecretsManagerService:
         # Serializes mutations so commits and catalog refreshes happen in one order.
         self._mutation_lock = threading.RLock()
         self._pending_access: dict[tuple[int, str], datetime] = {}
-        self._access_day: tuple[datetime, datetime] | None = None  # [midnight, next)
+        # Today's date for LastAccessedDate, and from and until when it is today, in
+        # seconds since the epoch: time.time() with the daemon's clock, cheaper to read
+        # on every open than a datetime.
+        self._access_day: tuple[datetime, float, float] | None = None
+        self._seconds = time.time if clock is _utcnow else (lambda: clock().timestamp())
         self._policy_listeners: list[Callable[[], None]] = []
         # Told when a rotation was requested, so the runner need not wait its turn.
         self.rotation_listeners: list[Callable[[], None]] = []
@@ -1481,13 +1486,14 @@ class SecretsManagerService:
     # --- for the filesystem -------------------------------------------------------
 
     def authorize_read(self, caller: Caller, secret: Secret, version_id: str, *,
-                       probe: bool = False) -> bool:
+                       probe: bool = False, stages: tuple[str, ...] | None = None) -> bool:
         """The open() of a version's file is a GetSecretValue of that version; its
-        stages are the secretsmanager:VersionStage values. A probe (access(2)) answers
-        instead of raising."""
-        return self.authorizer.check(
-            caller, "GetSecretValue", secret, version_id=version_id,
-            stages=tuple(secret.stages_of(version_id)), probe=probe).allowed
+        stages (`stages`, if the caller knows them) are the secretsmanager:VersionStage
+        values. A probe (access(2)) answers instead of raising."""
+        if stages is None:
+            stages = tuple(secret.stages_of(version_id))
+        return self.authorizer.check(caller, "GetSecretValue", secret, version_id=version_id,
+                                     stages=stages, probe=probe).allowed
 
     def _listing_request(self, caller: Caller, secret: Secret) -> tuple[str, dict]:
         """Seeing a secret's name takes DescribeSecret or, failing that, a read of its
@@ -1536,11 +1542,11 @@ class SecretsManagerService:
 
     def record_access(self, secret: Secret, version_id: str) -> None:
         """Note a read; LastAccessedDate is a date, so at most one write a day."""
-        now = self.now()
         day = self._access_day
-        if day is None or not day[0] <= now < day[1]:  # once a day: runs on every open
-            midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
-            day = self._access_day = midnight, midnight + timedelta(days=1)
+        if day is None or not day[1] <= self._seconds() < day[2]:  # runs on every open
+            midnight = self.now().replace(hour=0, minute=0, second=0, microsecond=0)
+            day = self._access_day = (midnight, midnight.timestamp(),
+                                      (midnight + timedelta(days=1)).timestamp())
         today = day[0]
         version = secret.versions.get(version_id)
         if secret.accessed != today or (version and version.last_accessed != today):

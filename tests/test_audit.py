@@ -15,6 +15,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -157,6 +158,108 @@ def test_event_ids_are_distinct_uuid4s(directory):
     ids = [uuid.UUID(record["eventId"]) for record in on_disk(directory)]
     assert len(set(ids)) == 500
     assert {(i.version, i.variant) for i in ids} == {(4, uuid.RFC_4122)}
+
+
+# --- keyed records (the hot path's decisions) -------------------------------------------
+
+def keyed(event_: dict):
+    """A key and build for record_keyed: the event, as a hashable key."""
+    return json.dumps(event_, sort_keys=True), json.loads
+
+
+def assert_canonical_lines(directory: Path) -> list[dict]:
+    """Each line is its record's canonical JSON (as the standard library writes it)
+    with the hash of those bytes added last; the chain verifies."""
+    records = []
+    for line in lines_of(directory / "audit.log"):
+        record = json.loads(line)
+        covered = json.dumps({k: v for k, v in record.items() if k != "hash"},
+                             sort_keys=True, separators=(",", ":")).encode()
+        assert line == covered[:-1] + f',"hash":"{hashlib.sha256(covered).hexdigest()}"}}\n'.encode()
+        records.append(record)
+    assert verify(directory).ok
+    return records
+
+
+# Text that looks like the placeholders a keyed record's encoding is cut at.
+_PLACEHOLDER_LIKE = st.sampled_from(["\x00i", "\x00t", "\x00p", "\x00s", "\\u0000i",
+                                     '"\\u0000s"', "\u0000s", "é\x00t", "\x7f"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(_JSON_TEXT | _PLACEHOLDER_LIKE, _JSON_VALUES | _PLACEHOLDER_LIKE,
+                       max_size=6),
+       st.sampled_from(["GetSecretValue", "\x00i", "Ünïcode"]))
+def test_a_keyed_record_is_written_as_the_same_event_recorded_whole(fields, name):
+    """Whatever the event holds (the stamped names, text like the cut marks,
+    non-ASCII that makes the encoder fall back): the keyed line is the canonical
+    JSON of the event plus the stamps, chained, as record() writes it."""
+    fields.pop("hash", None)
+    if not audit.FORBIDDEN_KEYS.isdisjoint(fields):
+        return
+    original = {**fields, "eventName": name}
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch) / "audit"
+        log = AuditLog(directory)
+        log.record(dict(original))
+        for _ in range(2):
+            log.record_keyed(*keyed(original))
+        log.flush()
+        records = assert_canonical_lines(directory)
+    stamped = ("eventTime", "eventId", "seq", "prev", "hash")
+    bodies = [{k: v for k, v in record.items() if k not in stamped} for record in records]
+    expected = {k: v for k, v in original.items() if k not in stamped}
+    assert bodies == [expected] * 3
+    assert [record["seq"] for record in records] == [0, 1, 2]
+    assert len({record["eventId"] for record in records}) == 3
+
+
+def test_keyed_and_whole_records_chain_together_across_flushes_and_a_restart(directory):
+    key, build = keyed(event())
+    log = AuditLog(directory)
+    for n in range(5):
+        log.record_keyed(key, build)
+        log.record(event(n=n))
+    log.flush()
+    log.record_keyed(key, build)
+    log.flush()
+    log.close()
+    log = AuditLog(directory)
+    log.record_keyed(key, build)
+    log.flush()
+    records = assert_canonical_lines(directory)
+    assert [record["seq"] for record in records] == list(range(12))
+    assert_chained(records)
+
+
+def test_a_keyed_event_holding_a_secret_value_is_refused_when_recorded(directory):
+    log = AuditLog(directory)
+    with pytest.raises(ValueError, match="secret value"):
+        log.record_keyed(*keyed(event(requestParameters={"SecretString": "hunter2"})))
+    with pytest.raises(ValueError, match="eventName"):
+        log.record_keyed(*keyed({"decision": "allow"}))
+    assert log.pending == 0
+
+
+def test_observers_see_keyed_records_as_their_events(directory):
+    log = AuditLog(directory)
+    seen = []
+    log.observers.append(seen.extend)
+    log.record_keyed(*keyed(event()))
+    log.record(event(n=1))
+    log.flush()
+    assert seen == [event(), event(n=1)]
+
+
+@pytest.mark.parametrize("when", [
+    datetime(2026, 11, 28, 23, 59, 59, 999_999, tzinfo=UTC),
+    datetime(2026, 11, 29, 0, 0, 0, 0, tzinfo=UTC),
+    datetime(2000, 2, 29, 12, 0, 0, 7, tzinfo=UTC),
+])
+def test_the_daemons_nanosecond_stamps_are_formatted_as_datetimes_are(when):
+    ns = int(when.timestamp()) * 1_000_000_000 + when.microsecond * 1000 + 999
+    assert audit._format_time(ns) == audit._format_time(when) == \
+        when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @pytest.mark.parametrize("value", [1.5, [0.1], {"nested": float("nan")}])

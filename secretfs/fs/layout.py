@@ -236,7 +236,11 @@ class Layout:
         return True
 
     def readlink(self, node: Node) -> str:
-        secret = self.secret(node[1])
+        return self.link_target(self.secret(node[1]), node)
+
+    @staticmethod
+    def link_target(secret: Secret, node: Node) -> str:
+        """Where a label's (or a key link's) symlink points in this snapshot."""
         version_id = secret.labels.get(node[2])
         if version_id is None:
             raise NotFound

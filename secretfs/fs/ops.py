@@ -39,28 +39,39 @@ IMMUTABLE_TIMEOUT = 300.0
 
 # Nodes whose answers read a JSON value's key files.
 _KEYED = (L.VERSION_KEYS, L.KEY)
+_OPENABLE = (L.VERSION, L.KEY, L.TEMPLATE)
+_LINKS = (L.LABEL, L.KEYLINK)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC | os.O_CREAT
 
 
+def _fuse_error(handler: str, error: Exception) -> pyfuse3.FUSEError:
+    """The errno a handler answers for what it raised (logged where it is the daemon's
+    own failure)."""
+    if isinstance(error, pyfuse3.FUSEError):
+        return error
+    if isinstance(error, NotFound):
+        return pyfuse3.FUSEError(errno.ENOENT)
+    if isinstance(error, StoreError):  # the store's own line: unreachable, corrupt, ...
+        log.error("%s failed: %s", handler, error)
+        return pyfuse3.FUSEError(errno.EIO)
+    if isinstance(error, SecretsManagerError):
+        if error.errno == errno.EIO:
+            log.error("%s failed: %s: %s", handler, error.code, error.message)
+        return pyfuse3.FUSEError(error.errno)
+    log.error("unexpected error in %s", handler, exc_info=error)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
 def _fuse_handler(method):
+    """A handler whose errors are answered by _fuse_error. The hot path's handlers
+    (open, readlink, read) catch for themselves instead: one coroutine per request
+    rather than two."""
     @functools.wraps(method)
     async def handler(self, *args):
         try:
             return await method(self, *args)
-        except pyfuse3.FUSEError:
-            raise
-        except NotFound:
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except StoreError as error:  # the store's own line: unreachable, corrupt, ...
-            log.error("%s failed: %s", method.__name__, error)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except SecretsManagerError as error:
-            if error.errno == errno.EIO:
-                log.error("%s failed: %s: %s", method.__name__, error.code, error.message)
-            raise pyfuse3.FUSEError(error.errno) from None
-        except Exception:
-            log.exception("unexpected error in %s", method.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as error:
+            raise _fuse_error(method.__name__, error) from None
     return handler
 
 
@@ -90,6 +101,12 @@ class SecretsOperations(pyfuse3.Operations):
         self._inode_counter = itertools.count(pyfuse3.ROOT_INODE + 1)
         self._handle_counter = itertools.count(1)
         self._files: dict[int, _OpenFile] = {}
+        # The hot path's memos, each entry valid while the catalog holds the snapshot it
+        # was made from (every commit replaces the secret's snapshot): a file's node ->
+        # (snapshot, its version's stages); a link's node -> (snapshot, its target). An
+        # entry outdated by a commit keeps its old snapshot until the node is next used.
+        self._file_memo: dict[L.Node, tuple[Secret, tuple[str, ...]]] = {}
+        self._link_memo: dict[L.Node, tuple[Secret, bytes]] = {}
         self._dirs: dict[int, list[tuple[str, L.Node]]] = {}
         self._mount_time_ns = time.time_ns()
         # Set once the kernel is attached: invalidations before that have nothing to do.
@@ -152,7 +169,7 @@ class SecretsOperations(pyfuse3.Operations):
 
     @staticmethod
     def _caller(ctx) -> Caller:
-        return Caller(uid=ctx.uid, gid=ctx.gid, pid=ctx.pid, source=FUSE)
+        return Caller(ctx.uid, ctx.gid, ctx.pid, FUSE)
 
     # --- reading the store off the loop ----------------------------------------------
 
@@ -269,14 +286,25 @@ class SecretsOperations(pyfuse3.Operations):
             await self._load((node,))
         return self._entry(node)
 
-    @_fuse_handler
     async def readlink(self, inode, ctx):
-        node = self._node(inode)
-        if node[0] not in (L.LABEL, L.KEYLINK):
+        try:
+            node = self._node(inode)
+            memo = self._link_memo.get(node)
+            if memo is not None and memo[0] is self.service.catalog.loaded(node[1]):
+                return memo[1]
+            return await self._readlink(node)
+        except Exception as error:
+            raise _fuse_error("readlink", error) from None
+
+    async def _readlink(self, node: L.Node) -> bytes:
+        if node[0] not in _LINKS:
             raise pyfuse3.FUSEError(errno.EINVAL)
         if not self._in_memory(node):
             await self._load((node,))
-        return os.fsencode(self.layout.readlink(node))
+        secret = self.layout.secret(node[1])
+        target = os.fsencode(self.layout.link_target(secret, node))
+        self._link_memo[node] = (secret, target)
+        return target
 
     async def forget(self, inode_list):
         # Inodes stay allocated: a node keeps its number for the daemon's life,
@@ -353,25 +381,32 @@ class SecretsOperations(pyfuse3.Operations):
 
     # --- files -------------------------------------------------------------------------
 
-    @_fuse_handler
     async def open(self, inode, flags, ctx):
         started = time.perf_counter_ns()
-        if flags & _WRITE_FLAGS:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        node = self._node(inode)
-        if node[0] not in (L.VERSION, L.KEY, L.TEMPLATE):
-            raise pyfuse3.FUSEError(errno.EISDIR if node[0] != L.LABEL else errno.ELOOP)
-        if self.service.is_stale():
-            # Cut off from a shared store past --max-staleness: what this host holds may
-            # be another host's old value (the change feed logged why, once).
-            raise pyfuse3.FUSEError(errno.EIO)
-        if not self._in_memory(node):
-            await self._load((node,))
-        if node[0] == L.TEMPLATE:
-            return await self._open_template(node, self._caller(ctx))
-        secret, version_id = self.layout.version_of(node)
-        self.service.authorize_read(self._caller(ctx), secret, version_id)
-        self.service.record_access(secret, version_id)
+        try:
+            if flags & _WRITE_FLAGS:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            node = self._node(inode)
+            if node[0] not in _OPENABLE:
+                raise pyfuse3.FUSEError(errno.EISDIR if node[0] != L.LABEL else errno.ELOOP)
+            service = self.service
+            if service.is_stale():
+                # Cut off from a shared store past --max-staleness: what this host holds
+                # may be another host's old value (the change feed logged why, once).
+                raise pyfuse3.FUSEError(errno.EIO)
+            memo = self._file_memo.get(node)
+            if memo is None or memo[0] is not service.catalog.loaded(node[1]):
+                if not self._in_memory(node):
+                    await self._load((node,))
+                if node[0] == L.TEMPLATE:
+                    return await self._open_template(node, self._caller(ctx))
+                secret, version_id = self.layout.version_of(node)
+                memo = self._file_memo[node] = (secret, tuple(secret.stages_of(version_id)))
+            secret, stages = memo
+            service.authorize_read(self._caller(ctx), secret, node[2], stages=stages)
+            service.record_access(secret, node[2])
+        except Exception as error:
+            raise _fuse_error("open", error) from None
         handle = next(self._handle_counter)
         self._files[handle] = _OpenFile(node)
         elapsed = time.perf_counter_ns() - started
@@ -392,13 +427,15 @@ class SecretsOperations(pyfuse3.Operations):
         # reads go to the daemon whatever st_size says.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
-    @_fuse_handler
     async def read(self, fh, off, size):
-        handle = self._files[fh]
-        if handle.data is None:
-            # A cold read: a store read and an unwrap, which with KMS is a network round
-            # trip; off the loop, so the API and other handlers keep being served.
-            handle.data = await trio.to_thread.run_sync(self.layout.content, handle.node)
+        try:
+            handle = self._files[fh]
+            if handle.data is None:
+                # A cold read: a store read and an unwrap, which with KMS is a network
+                # round trip; off the loop, so the API and other handlers keep being served.
+                handle.data = await trio.to_thread.run_sync(self.layout.content, handle.node)
+        except Exception as error:
+            raise _fuse_error("read", error) from None
         return handle.data[off:off + size]
 
     async def release(self, fh):
