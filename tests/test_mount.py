@@ -24,7 +24,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, force_unmount, run_as, serving_daemon
+from conftest import Daemon, force_unmount, run_as, serving_daemon, wait_for
 
 import secretfs
 from secretfs.api.client import Client
@@ -227,6 +227,31 @@ def test_label_is_a_relative_symlink_to_its_version(mounted):
     assert os.readlink(label) == f"versions/{version}"
     assert stat_format(label, "%F") == "symbolic link"
     assert ls(secret_dir(mounted, name) / "versions") == [version]
+
+
+def test_each_open_is_audited_with_the_stages_its_version_has_then(mounted):
+    """Repeated opens are answered from memory (the label's target, the version's
+    stages, the caller's description); a promotion in between is seen by the very
+    next readlink and open, and so in the next audit record's stages."""
+    name = unique("stages") + "/db"
+    directory = secret_dir(mounted, name)
+    old = mounted.call("create-secret", "--name", name, "--secret-string", "one")["VersionId"]
+    for _ in range(3):
+        assert cat(directory / "AWSCURRENT") == b"one"
+    new = mounted.call("put-secret-value", "--secret-id", name,
+                       "--secret-string", "two")["VersionId"]
+    assert readlink(directory / "AWSCURRENT") == f"versions/{new}"
+    assert cat(directory / "AWSCURRENT") == b"two"
+    assert cat(directory / "versions" / old) == b"one"
+
+    def opens() -> list[tuple[str, list[str]]]:
+        return [(r["resources"]["versionId"], r["resources"]["versionStage"])
+                for r in mounted.audit_records("--secret", name)
+                if r["eventName"] == "GetSecretValue" and r["eventSource"] == "fuse"]
+
+    assert wait_for(lambda: len(opens()) == 5)
+    assert opens() == [(old, ["AWSCURRENT"])] * 3 + [(new, ["AWSCURRENT"]),
+                                                     (old, ["AWSPREVIOUS"])]
 
 
 def test_issue_flow_pending_then_stage_move_is_visible_at_once(mounted, tmp_path):
