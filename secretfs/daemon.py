@@ -543,6 +543,7 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
     from secretfs.api.server import serve_network, serve_unix
     from secretfs.audit import AuditError, AuditLog
     from secretfs.control import Control
+    from secretfs.execwatch import EXECUTABLES
     from secretfs.fleet import change_feed
     from secretfs.fs.ops import SecretsOperations
     from secretfs.hooks import HookManager
@@ -566,6 +567,9 @@ async def serve(mountpoint: Path, state: StateDir, *, ready: Callable[[], None],
         # KMS a network call each) are blocking reads: in a worker thread, as all others.
         service = await trio.to_thread.run_sync(functools.partial(
             open_service, state, audit=audit, passphrase=passphrase))
+        # Each open names the caller's executable: learnt from the kernel's process
+        # events where it offers them, rather than read from /proc at every open.
+        await trio.to_thread.run_sync(EXECUTABLES.watch)
         endpoint, ssl_context = _endpoint(state, options)
         try:
             metrics_endpoint = options.metrics_endpoint()

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from secretfs.execwatch import EXECUTABLES, Executables
+
 FUSE = "fuse"
 UNIX_SOCKET = "unix-socket"
 HTTPS = "https"
@@ -241,6 +243,7 @@ class Identity:
     names: _Names = _NAMES
     units: _Units = _UNITS
     described_processes: _Described = _DESCRIBED
+    executables: Executables = EXECUTABLES
 
     @property
     def uid(self) -> int:
@@ -286,10 +289,7 @@ class Identity:
     def exe(self) -> str | None:
         if self.pid <= 0:
             return None
-        try:
-            return os.readlink(f"/proc/{self.pid}/exe")
-        except OSError:
-            return None
+        return self.executables.exe(self.pid)
 
     @_lazy
     def cgroup(self) -> str | None:
