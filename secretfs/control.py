@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from secretfs.execwatch import EXECUTABLES
 from secretfs.state import StateDir
 from secretfs.store import StoreError
 
@@ -49,7 +50,10 @@ class Control:
             "Mount": {"MountPoint": str(self.mountpoint), "Pid": os.getpid(),
                       "StartedDate": self.started,
                       "UptimeSeconds": int(time.monotonic() - self._started),
-                      "StrictNames": self.strict_names, "Endpoint": self.endpoint},
+                      "StrictNames": self.strict_names, "Endpoint": self.endpoint,
+                      # Callers' executables: from the kernel's process events, else read
+                      # from /proc at every open (secretfs/execwatch.py).
+                      "ExecutablesWatched": EXECUTABLES.watching},
             "Store": {**self._store(), "Secrets": live,
                       "ScheduledForDeletion": len(service.catalog) - live},
             "KeyProvider": service.keys.status(),  # each provider's own (KMS: no KMS call)

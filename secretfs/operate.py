@@ -157,7 +157,8 @@ def status_lines(status: dict) -> list[str]:
     lines = [
         f"mount         {mount['MountPoint']}  pid {mount['Pid']}  up "
         f"{_duration(mount['UptimeSeconds'])}"
-        + ("  strict names" if mount["StrictNames"] else ""),
+        + ("  strict names" if mount["StrictNames"] else "")
+        + ("" if mount.get("ExecutablesWatched", True) else "  (reading /proc per open)"),
         f"endpoint      {mount.get('Endpoint') or 'none (Unix socket only)'}",
         f"store         {store['Kind']} {store['Location']}  schema {store['SchemaVersion']}  "
         f"{store['Secrets']} secrets"

@@ -55,6 +55,7 @@ def test_status_names_the_mount_store_keys_and_audit_log(served, client):
     assert mount["MountPoint"] == str(served.mountpoint)
     assert mount["Pid"] == served.pid()
     assert mount["UptimeSeconds"] >= 0 and mount["StrictNames"] is False
+    assert mount["ExecutablesWatched"] is True  # root here: the process events connector
     assert "Endpoint" not in mount  # no --listen
     store = found["Store"]
     assert store == {"Kind": "sqlite", "Location": str(served.state_dir / "secrets.db"),
