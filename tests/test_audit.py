@@ -887,9 +887,12 @@ def test_cli_tail_follow_prints_records_as_written_until_interrupted(state):
         assert ready, "no output from secretfs audit tail --follow"
         return json.loads(process.stdout.readline())
 
+    # SIGINT as a terminal's Ctrl-C would deliver it, even where the suite itself was
+    # started in the background with SIGINT ignored (which a child would inherit).
     process = subprocess.Popen(
         [sys.executable, "-m", "secretfs.cli", "audit", "tail", "-n", "1", "--follow",
-         "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+         "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert line(process)["n"] == 2
         log.record(event(n=3))
