@@ -73,6 +73,7 @@ class Executables:
 
     def __init__(self):
         self._connector: socket.socket | None = None
+        self._ready: select.poll | None = None  # polls the connector
         self._known: dict[int, tuple[str | None, float]] = {}
         self._lock = threading.Lock()
 
@@ -123,16 +124,23 @@ class Executables:
                     raise
                 known.clear()  # events were lost: nothing remembered can be trusted
                 continue
-            if len(data) >= _EVENT_AT + _EVENT.size:
-                what, _, _, pid, tgid = _EVENT.unpack_from(data, _EVENT_AT)
-                if what in _FORGETTING:
-                    known.pop(pid, None)
-                    known.pop(tgid, None)
+            event = _event(data)
+            if event is not None and event[0] in _FORGETTING:
+                known.pop(event[1], None)
+                known.pop(event[2], None)
 
     def close(self) -> None:
         if self._connector is not None:
             self._connector.close()
             self._connector = None
+
+
+def _event(data: bytes) -> tuple[int, int, int] | None:
+    """(what, pid, tgid) of one connector message; None for one too short to hold them."""
+    if len(data) < _EVENT_AT + _EVENT.size:
+        return None
+    what, _, _, pid, tgid = _EVENT.unpack_from(data, _EVENT_AT)
+    return what, pid, tgid
 
 
 def _readlink(pid: int) -> str | None:
@@ -201,8 +209,7 @@ def _sees_exec_of(connector: socket.socket, pid: int, timeout: float) -> bool:
             data = connector.recv(256)
         except TimeoutError:
             return False
-        if len(data) >= _EVENT_AT + _EVENT.size:
-            what, _, _, event_pid, _ = _EVENT.unpack_from(data, _EVENT_AT)
-            if what == PROC_EVENT_EXEC and event_pid == pid:
-                return True
+        event = _event(data)
+        if event is not None and event[:2] == (PROC_EVENT_EXEC, pid):
+            return True
     return False
